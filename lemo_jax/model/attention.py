@@ -1,0 +1,50 @@
+"""The one dispatch point for dense causal attention.
+
+Backends:
+- `xla`: `jax.nn.dot_product_attention(implementation="xla")`, materialises [B, N, T, S] logits;
+  the CPU default and the reference the others are tested against.
+- `cudnn`: cuDNN flash attention through the same JAX call; the fastest dense attention on the
+  H200 (see BUILD.md), GQA-native, bf16/fp16 only.
+- `pallas`: the Triton-lowered Pallas flash attention in `pallas_kernels` (interpret mode on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+def resolve_backend(backend: str, compute_dtype) -> str:
+    """Maps "auto" to a concrete backend for the current device and compute dtype."""
+    if backend != "auto":
+        return backend
+    is_half = jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if jax.default_backend() == "gpu" and is_half else "xla"
+
+
+def causal_attention(
+    query: Float[Array, "B T N H"],
+    key: Float[Array, "B S K H"],
+    value: Float[Array, "B S K H"],
+    *,
+    backend: str,
+) -> Float[Array, "B T N H"]:
+    """Causal softmax(q k^T / sqrt(H)) v with grouped-query heads (N a multiple of K)."""
+    if backend in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(
+            query, key, value, is_causal=True, implementation=backend
+        )
+    if backend == "pallas":
+        return _pallas_attention(query, key, value)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+@functools.partial(jax.named_call, name="pallas_flash_attention")
+def _pallas_attention(query, key, value):
+    # Imported here so that plain model use never loads the Pallas/Triton machinery.
+    from pallas_kernels import flash_attention
+
+    return flash_attention(query, key, value, causal=True)

@@ -1,0 +1,203 @@
+"""The Llama-family decoder in Flax NNX, with stacked (scanned) layers.
+
+The L decoder layers are one `DecoderLayer` whose parameters have a leading [L] axis, run with
+`lax.scan`: one layer is traced and compiled once, whatever the depth. Dropout keys are explicit
+arguments rather than NNX RNG state, so the layer stays a pure function inside the scan.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from lemo_jax.configs.model import LoraConfig, ModelConfig
+from lemo_jax.model.attention import causal_attention, resolve_backend
+from lemo_jax.model.layers import Embedding, Linear, RMSNorm
+from lemo_jax.model.rope import apply_rotary, rotary_angles
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _linear(
+    config: ModelConfig,
+    lora: LoraConfig | None,
+    name: str,
+    in_features: int,
+    out_features: int,
+    axes: tuple[str, str],
+    use_bias: bool,
+    rngs: nnx.Rngs,
+) -> Linear:
+    use_lora = lora is not None and name in lora.targets
+    return Linear(
+        in_features,
+        out_features,
+        axes=axes,
+        init_std=config.initializer_range,
+        use_bias=use_bias,
+        lora=lora if use_lora else None,
+        param_dtype=config.param_jnp_dtype,
+        compute_dtype=config.compute_jnp_dtype,
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE; K/V heads are never repeated in memory."""
+
+    def __init__(self, config: ModelConfig, lora: LoraConfig | None, rngs: nnx.Rngs):
+        D, N, K, H = config.model_dim, config.num_heads, config.num_kv_heads, config.head_dim
+        bias = config.use_attention_bias
+        self.q_proj = _linear(config, lora, "q_proj", D, N * H, ("embed", "q_heads"), bias, rngs)
+        self.k_proj = _linear(config, lora, "k_proj", D, K * H, ("embed", "kv_heads"), bias, rngs)
+        self.v_proj = _linear(config, lora, "v_proj", D, K * H, ("embed", "kv_heads"), bias, rngs)
+        self.o_proj = _linear(config, lora, "o_proj", N * H, D, ("q_heads", "embed"), bias, rngs)
+        self.shape = (N, K, H)
+        self.backend = resolve_backend(config.attention_backend, config.compute_jnp_dtype)
+
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        cos: Float[Array, "B T H"],
+        sin: Float[Array, "B T H"],
+        keys: dict[str, jax.Array | None],
+    ) -> Float[Array, "B T D"]:
+        N, K, H = self.shape
+        B, T, _ = x.shape
+        q = self.q_proj(x, dropout_key=keys["q_proj"]).reshape(B, T, N, H)
+        k = self.k_proj(x, dropout_key=keys["k_proj"]).reshape(B, T, K, H)
+        v = self.v_proj(x, dropout_key=keys["v_proj"]).reshape(B, T, K, H)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = causal_attention(q, k, v, backend=self.backend)  # [B, T, N, H]
+        return self.o_proj(out.reshape(B, T, N * H), dropout_key=keys["o_proj"])
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, lora: LoraConfig | None, rngs: nnx.Rngs):
+        D, F, bias = config.model_dim, config.mlp_dim, config.use_mlp_bias
+        self.gate_proj = _linear(config, lora, "gate_proj", D, F, ("embed", "mlp"), bias, rngs)
+        self.up_proj = _linear(config, lora, "up_proj", D, F, ("embed", "mlp"), bias, rngs)
+        self.down_proj = _linear(config, lora, "down_proj", F, D, ("mlp", "embed"), bias, rngs)
+
+    def __call__(
+        self, x: Float[Array, "B T D"], keys: dict[str, jax.Array | None]
+    ) -> Float[Array, "B T D"]:
+        gate = self.gate_proj(x, dropout_key=keys["gate_proj"])
+        up = self.up_proj(x, dropout_key=keys["up_proj"])
+        return self.down_proj(jax.nn.silu(gate) * up, dropout_key=keys["down_proj"])
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, lora: LoraConfig | None, rngs: nnx.Rngs):
+        norm_args = dict(
+            eps=config.norm_eps,
+            param_dtype=config.param_jnp_dtype,
+            compute_dtype=config.compute_jnp_dtype,
+        )
+        self.attention_norm = RMSNorm(config.model_dim, **norm_args)
+        self.attention = Attention(config, lora, rngs)
+        self.mlp_norm = RMSNorm(config.model_dim, **norm_args)
+        self.mlp = MLP(config, lora, rngs)
+
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        cos: Float[Array, "B T H"],
+        sin: Float[Array, "B T H"],
+        dropout_key: jax.Array | None,
+    ) -> Float[Array, "B T D"]:
+        keys = _projection_keys(dropout_key)
+        h = x + self.attention(self.attention_norm(x), cos, sin, keys)
+        return h + self.mlp(self.mlp_norm(h), keys)
+
+
+def _projection_keys(key: jax.Array | None) -> dict[str, jax.Array | None]:
+    if key is None:
+        return dict.fromkeys(PROJECTIONS)
+    return dict(zip(PROJECTIONS, jax.random.split(key, len(PROJECTIONS)), strict=True))
+
+
+class Llama(nnx.Module):
+    """Llama decoder: `model(input_ids)` returns float32 logits [B, T, V]."""
+
+    def __init__(self, config: ModelConfig, *, lora: LoraConfig | None = None, rngs: nnx.Rngs):
+        self.config = config
+        self.lora = lora
+        dtypes = dict(param_dtype=config.param_jnp_dtype, compute_dtype=config.compute_jnp_dtype)
+        self.embedding = Embedding(
+            config.vocab_size,
+            config.model_dim,
+            init_std=config.initializer_range,
+            rngs=rngs,
+            **dtypes,
+        )
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(layer_rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, lora, layer_rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(config.model_dim, eps=config.norm_eps, **dtypes)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else Linear(
+                config.model_dim,
+                config.vocab_size,
+                axes=("embed", "vocab"),
+                init_std=config.initializer_range,
+                use_bias=False,
+                lora=None,
+                rngs=rngs,
+                **dtypes,
+            )
+        )
+
+    def hidden_states(
+        self,
+        input_ids: Int[Array, "B T"],
+        positions: Int[Array, "B T"] | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> Float[Array, "B T D"]:
+        """The final-norm output, before the LM head."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rotary_angles(self.config.rope, self.config.head_dim, positions)
+        h = self.embedding(input_ids)
+        layer_keys = (
+            None if dropout_key is None else jax.random.split(dropout_key, self.config.num_layers)
+        )
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            state, key = xs
+            layer = nnx.merge(graphdef, state)
+            return layer(carry, cos, sin, key), None
+
+        h, _ = jax.lax.scan(body, h, (layer_state, layer_keys))
+        return self.final_norm(h)
+
+    def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """LM head in the compute dtype with float32 accumulation and output."""
+        if self.lm_head is None:
+            return self.embedding.attend(hidden)
+        kernel = self.lm_head.kernel[...].astype(hidden.dtype)
+        return jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "B T"],
+        positions: Int[Array, "B T"] | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> Float[Array, "B T V"]:
+        return self.logits(self.hidden_states(input_ids, positions, dropout_key=dropout_key))
