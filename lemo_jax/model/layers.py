@@ -22,7 +22,7 @@ def param(value: jax.Array, axes: tuple[str | None, ...], kind=nnx.Param) -> nnx
     """A parameter tagged with logical axis names (one per dimension)."""
     if len(axes) != value.ndim:
         raise ValueError(f"{axes=} does not match {value.shape=}")
-    return kind(value, sharding_names=axes, eager_sharding=False)
+    return kind(value, out_sharding=axes, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
