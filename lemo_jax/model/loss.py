@@ -27,7 +27,7 @@ def chunked_cross_entropy(
 
     `logits_fn` maps hidden states to float32 logits (the model's LM head).
     """
-    B, T, D = hidden.shape
+    B, T, _ = hidden.shape
     chunk_size = min(chunk_size, T)
     padding = (-T) % chunk_size
     if padding:  # padded positions get weight 0, so they add nothing
