@@ -50,6 +50,8 @@ def test_perplexity_matches_transformers(tmp_path):
         "64",
         "--max-tokens",
         "640",
+        "--compute-dtype",
+        "float32",
         "--json",
         str(out),
     )

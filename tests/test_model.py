@@ -29,7 +29,8 @@ def test_fresh_lora_leaves_output_unchanged():
     base = Llama(tiny(), rngs=nnx.Rngs(0))
     adapted = Llama(tiny(), lora=LoraConfig(rank=4), rngs=nnx.Rngs(0))
     nnx.update(adapted, nnx.state(base))  # same base weights
-    assert jnp.array_equal(adapted(tokens()), base(tokens()))
+    # Exact on CPU; a GPU may pick other matmul algorithms for the two graphs.
+    assert relative_error(adapted(tokens()), base(tokens())) <= FP32.forward
 
 
 def test_lora_linear_is_w_plus_scaled_ba():

@@ -51,7 +51,7 @@ def transformers_frequencies(parameters: dict) -> tuple[np.ndarray, float, Llama
         compute = LlamaRotaryEmbedding.compute_default_rope_parameters
     else:
         compute = ROPE_INIT_FUNCTIONS[parameters["rope_type"]]
-    inv_freq, scaling = compute(config, device="cpu")
+    inv_freq, scaling = compute(config)
     return inv_freq.numpy(), float(scaling), config
 
 

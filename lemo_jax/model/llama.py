@@ -7,6 +7,8 @@ arguments rather than NNX RNG state, so the layer stays a pure function inside t
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -123,6 +125,15 @@ def _projection_keys(key: jax.Array | None) -> dict[str, jax.Array | None]:
     return dict(zip(PROJECTIONS, jax.random.split(key, len(PROJECTIONS)), strict=True))
 
 
+def matmul_precision(compute_dtype) -> contextlib.AbstractContextManager:
+    """float32 compute means float32 matmuls: on GPUs XLA's default would use TF32 (10-bit
+    mantissa), which is neither what `compute_dtype="float32"` promises nor close enough for
+    parity with a float32 reference."""
+    if jnp.dtype(compute_dtype) == jnp.dtype(jnp.float32):
+        return jax.default_matmul_precision("highest")
+    return contextlib.nullcontext()
+
+
 class Llama(nnx.Module):
     """Llama decoder: `model(input_ids)` returns float32 logits [B, T, V]."""
 
@@ -168,6 +179,10 @@ class Llama(nnx.Module):
         dropout_key: jax.Array | None = None,
     ) -> Float[Array, "B T D"]:
         """The final-norm output, before the LM head."""
+        with matmul_precision(self.config.compute_jnp_dtype):
+            return self._hidden_states(input_ids, positions, dropout_key)
+
+    def _hidden_states(self, input_ids, positions, dropout_key):
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -188,10 +203,11 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """LM head in the compute dtype with float32 accumulation and output."""
-        if self.lm_head is None:
-            return self.embedding.attend(hidden)
-        kernel = self.lm_head.kernel[...].astype(hidden.dtype)
-        return jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+        with matmul_precision(self.config.compute_jnp_dtype):
+            if self.lm_head is None:
+                return self.embedding.attend(hidden)
+            kernel = self.lm_head.kernel[...].astype(hidden.dtype)
+            return jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
 
     def __call__(
         self,
