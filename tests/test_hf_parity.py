@@ -6,12 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from hf_models import ROPE_VARIANTS, save_tiny_llama, tiny_llama_config
 from tolerances import HF_PARITY, relative_error
 from transformers import LlamaForCausalLM
 
-from lemo_jax import load_pretrained
+from lemo_jax import Llama, load_pretrained
 from lemo_jax.configs import RopeConfig
+from lemo_jax.io.hf_config import model_config_from_hf
+from lemo_jax.io.hf_names import hf_tensors_for
 
 
 def torch_logits(model, token_ids: np.ndarray) -> np.ndarray:
@@ -77,3 +80,22 @@ def test_bf16_checkpoint_into_bf16_params(tmp_path):
     reference = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     expected = torch_logits(reference, TOKENS)
     assert relative_error(jax_logits(model, TOKENS), expected) <= HF_PARITY
+
+
+@pytest.mark.parametrize(("tie", "bias"), [(False, False), (True, True)])
+def test_name_table_covers_transformers_state_dict(tie, bias):
+    """Every lemo-jax parameter maps to exactly the tensors transformers' model has."""
+    config = tiny_llama_config(num_kv_heads=2, tie=tie, attention_bias=bias)
+    config.mlp_bias = bias
+    expected = set(LlamaForCausalLM(config).state_dict())
+    if tie:
+        expected.discard("lm_head.weight")  # tied: the embedding table is the head
+    model_config = model_config_from_hf(config)
+    abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
+    names = [
+        tensor.name
+        for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+        for tensor in hf_tensors_for(tuple(map(str, path)), model_config.num_layers)
+    ]
+    assert len(names) == len(set(names))
+    assert set(names) == expected

@@ -126,7 +126,7 @@ def _projection_keys(key: jax.Array | None) -> dict[str, jax.Array | None]:
 
 
 def matmul_precision(compute_dtype) -> contextlib.AbstractContextManager:
-    """float32 compute means float32 matmuls: on GPUs XLA's default would use TF32 (10-bit
+    """float32 compute means float32 matmuls: on GPUs XLA's default may use TF32 (10-bit
     mantissa), which is neither what `compute_dtype="float32"` promises nor close enough for
     parity with a float32 reference."""
     if jnp.dtype(compute_dtype) == jnp.dtype(jnp.float32):
