@@ -7,6 +7,7 @@ is for tests; `smollm2_135m` matches the packaged SmolLM2 checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from lemo_jax.configs.model import ModelConfig, RopeConfig
@@ -112,14 +113,4 @@ def llama3_1_8b() -> ModelConfig:
         high_freq_factor=4.0,
         original_max_position_embeddings=8192,
     )
-    return ModelConfig(
-        vocab_size=128_256,
-        model_dim=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        mlp_dim=14_336,
-        max_position_embeddings=131_072,
-        rope=rope,
-    )
+    return dataclasses.replace(llama3_8b(), max_position_embeddings=131_072, rope=rope)
