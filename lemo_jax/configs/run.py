@@ -132,7 +132,7 @@ class RunConfig:
     name: str
     output_dir: str
     model: ModelSection = ModelSection()
-    lora: LoraConfig = LoraConfig()
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     train: TrainSection = TrainSection()
     data: DataSection = DataSection()
     checkpoint: CheckpointSection = CheckpointSection()
