@@ -48,3 +48,32 @@ def test_next_token_targets():
     targets, weights = next_token_targets(ids)
     assert targets.tolist() == [[6, 7, 0]]
     assert weights.tolist() == [[1.0, 1.0, 0.0]]
+
+
+def test_chunked_loss_compiles_to_less_temporary_memory():
+    """The point of chunking: the [T, V] logits (and their gradient) never exist at once."""
+    length, dim, vocab = 4096, 64, 8192
+    hidden = jax.ShapeDtypeStruct((1, length, dim), jnp.float32)
+    head = jax.ShapeDtypeStruct((dim, vocab), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+    def loss(chunk_size):
+        def total(h, w, token_ids):
+            targets, weights = next_token_targets(token_ids)
+            if chunk_size is None:
+                return full_loss(h, w, token_ids)[0]
+            return chunked_cross_entropy(
+                lambda x: x @ w, h, targets, weights, chunk_size=chunk_size
+            )[0]
+
+        return jax.jit(jax.grad(total, argnums=(0, 1)))
+
+    def temp_bytes(chunk_size):
+        compiled = loss(chunk_size).lower(hidden, head, ids).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    full, chunked = temp_bytes(None), temp_bytes(512)
+    logits_bytes = length * vocab * 4  # 128 MiB
+    assert full >= logits_bytes
+    # A few chunk-sized [512, V] buffers (logits, their gradient) remain: 16 MiB each.
+    assert chunked < logits_bytes / 3

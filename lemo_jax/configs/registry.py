@@ -45,7 +45,7 @@ def get_model_config(name: str) -> ModelConfig:
 @register_model("tiny")
 def tiny() -> ModelConfig:
     return ModelConfig(
-        vocab_size=256,
+        vocab_size=512,  # room for the 384-token byte tokenizer used with random weights
         model_dim=64,
         num_layers=2,
         num_heads=4,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from lemo_jax.configs.model import ATTENTION_BACKENDS, DTYPES, ROPE_SCALINGS, LoraConfig
+from lemo_jax.model.remat import REMAT_POLICIES
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_layer_outputs")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -33,7 +33,8 @@ class ModelSection:
     path: str | None = None
     preset: str | None = None
     param_dtype: str = "float32"
-    compute_dtype: str = "bfloat16"
+    # "auto": bfloat16 on a GPU, float32 on a CPU (where XLA emulates bf16 matmuls slowly).
+    compute_dtype: str = "auto"
     attention_backend: str = "auto"
     rope_scaling: str | None = None
     rope_factor: float = 1.0
@@ -45,7 +46,8 @@ class ModelSection:
         )
         _check(self.param_dtype in DTYPES, f"model.param_dtype={self.param_dtype!r} is unknown")
         _check(
-            self.compute_dtype in DTYPES, f"model.compute_dtype={self.compute_dtype!r} is unknown"
+            self.compute_dtype == "auto" or self.compute_dtype in DTYPES,
+            f"model.compute_dtype={self.compute_dtype!r} is unknown",
         )
         _check(
             self.attention_backend in ATTENTION_BACKENDS,
@@ -101,6 +103,7 @@ class TrainSection:
         )
         _check(self.loss_chunk_size >= 0, "train.loss_chunk_size must be >= 0 (0: no chunking)")
         _check(self.eval_every >= 0, "train.eval_every must be >= 0")
+        _check(self.seed >= 0, "train.seed must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +111,23 @@ class DataSection:
     """Training text: "builtin" (the built-in corpus) or comma-separated files/globs."""
 
     train: str = "builtin"
-    validation: str = "builtin"  # "builtin", files, or "holdout" (a slice of the training data)
+    # "builtin", files, "holdout" (the tail of the training data), or "auto": the built-in
+    # validation split when training on the built-in corpus, a holdout otherwise.
+    validation: str = "auto"
     holdout_fraction: float = 0.05
     cache_dir: str = "~/.cache/lemo_jax/tokens"
 
     def __post_init__(self):
         _check(bool(self.train.strip()), "data.train must name the training data")
+        _check(bool(self.validation.strip()), "data.validation must not be empty")
         _check(0 < self.holdout_fraction < 1, "data.holdout_fraction must be in (0, 1)")
+
+    @property
+    def resolved_validation(self) -> str:
+        if self.validation.strip().lower() != "auto":
+            return self.validation
+        is_builtin = self.train.strip().lower() in ("builtin", "default")
+        return "builtin" if is_builtin else "holdout"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,10 @@
-"""Where documents come from: the built-in corpus or the user's own .txt, .jsonl or .parquet files.
+"""Where documents come from: the built-in corpus or the user's own files.
 
-`load_documents` is the one entry point. Every mistake in a data spec (a missing path, a glob
-that matches nothing, a bad line) is a `UserError` whose one-line message names the file.
+The user's files are .txt, .jsonl or .parquet files, or directories written by Hugging Face
+`datasets`' `save_to_disk` (read with the optional `datasets` package). `load_documents` is the
+one entry point; `resolve_paths` gives the paths a spec names without reading them (the token
+cache keys on them). Every mistake in a data spec (a missing path, a glob that matches nothing, a
+bad line) is a `UserError` whose one-line message names the file.
 """
 
 from __future__ import annotations
@@ -22,22 +25,68 @@ BUILTIN_SPECS = frozenset({"default", "builtin"})
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet", ".txt")
 GLOB_CHARACTERS = frozenset("*?[")
 
+# Files that `save_to_disk` writes: a `DatasetDict` lists its splits in `dataset_dict.json`; a
+# `Dataset` directory has `state.json` (its arrow files) and `dataset_info.json` (its features).
+HF_DATASET_DICT_MARKER = "dataset_dict.json"
+HF_DATASET_MARKERS = ("state.json", "dataset_info.json")
+
 
 def load_documents(spec: str | Sequence[str] | None, split: str = "validation") -> list[Document]:
     """Loads documents named by `spec`; empty documents are dropped.
 
     `None`, "default" or "builtin" (any case) mean the built-in corpus's `split`. Anything else
-    is paths or glob patterns (a list, or one string separated by commas); `split` is then ignored
-    because the user chose the files. Files are read in sorted path order, each in file order.
+    is paths or glob patterns (a list, or one string separated by commas); `split` then matters
+    only for a saved Hugging Face `DatasetDict` (see `hf_dataset_split`), because the user chose
+    the files. Files are read in sorted path order, each in file order.
+    """
+    paths = resolve_paths(spec)
+    if paths is None:
+        return builtin_documents(split)
+    documents = []
+    for path in paths:
+        documents.extend(document for document in _read_file(path, split) if document.text)
+    return documents
+
+
+def resolve_paths(spec: str | Sequence[str] | None) -> list[Path] | None:
+    """Returns the sorted files and saved-dataset directories `spec` names, None for built-in.
+
+    Expands `~` and globs and checks that every path exists and has a supported type; reads no
+    data. A glob matches files only: a saved dataset directory must be named on its own.
     """
     entries = _spec_entries(spec)
     if entries is None:
-        return builtin_documents(split)
-    paths = _expand_paths(entries)
-    documents = []
-    for path in paths:
-        documents.extend(document for document in _read_file(path) if document.text)
-    return documents
+        return None
+    return _expand_paths(entries)
+
+
+def is_hf_dataset_dir(path: Path) -> bool:
+    """Whether `path` is a directory written by `datasets`' `save_to_disk`."""
+    markers = (HF_DATASET_DICT_MARKER, *HF_DATASET_MARKERS)
+    return path.is_dir() and any((path / marker).is_file() for marker in markers)
+
+
+def hf_dataset_split(path: Path, split: str) -> str | None:
+    """The split of a saved `DatasetDict` that `split` reads; None for a single `Dataset`.
+
+    The split named `split` when the dict has it, else its only split; with several splits and
+    none named `split` the choice is the user's, so it is an error that lists them.
+    """
+    dict_path = path / HF_DATASET_DICT_MARKER
+    if not dict_path.is_file():
+        return None
+    try:
+        splits = json.loads(dict_path.read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{dict_path} could not be read ({error!r})") from None
+    if split in splits:
+        return split
+    if len(splits) == 1:
+        return splits[0]
+    raise UserError(
+        f"{path} has splits {', '.join(map(str, splits))} but none named {split!r}; "
+        "save the split you want on its own or rename it"
+    )
 
 
 def _spec_entries(spec: str | Sequence[str] | None) -> list[str] | None:
@@ -72,20 +121,23 @@ def _expand_paths(entries: list[str]) -> list[Path]:
         path = Path(pattern)
         if not path.exists():
             raise UserError(f"data path not found: {entry}")
-        if path.is_dir():
+        if path.is_dir() and not is_hf_dataset_dir(path):
             raise UserError(
-                f"data path is a directory: {entry} (give files or a glob like dir/*.txt)"
+                f"data path is a directory: {entry} (give files, a glob like dir/*.txt, "
+                "or a directory written by datasets' save_to_disk)"
             )
         paths.add(path)
     for path in paths:
-        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        if path.is_file() and path.suffix.lower() not in SUPPORTED_SUFFIXES:
             raise UserError(
                 f"unsupported data file type: {path} (supported: {', '.join(SUPPORTED_SUFFIXES)})"
             )
     return sorted(paths)
 
 
-def _read_file(path: Path) -> list[Document]:
+def _read_file(path: Path, split: str) -> list[Document]:
+    if path.is_dir():
+        return _read_hf_dataset(path, split)
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return [Document(name=str(path), text=_read_text(path))]
@@ -132,3 +184,32 @@ def _read_parquet(path: Path) -> list[Document]:
     except (pa.ArrowException, OSError) as error:
         raise UserError(f"{path} could not be read as parquet ({error})") from None
     return [Document(name=f"{path}[{row}]", text=text or "") for row, text in enumerate(texts)]
+
+
+def _read_hf_dataset(path: Path, split: str) -> list[Document]:
+    """One document per row of the "text" column of a saved `Dataset` or `DatasetDict` split."""
+    split_name = hf_dataset_split(path, split)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"{path} is a saved Hugging Face dataset; pip install datasets to read it"
+        ) from None
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} could not be read as a saved dataset ({error})") from None
+    if split_name is not None:
+        dataset = dataset[split_name]
+    label = str(path) if split_name is None else f"{path}[{split_name}]"
+    if "text" not in dataset.column_names:
+        raise UserError(
+            f"{label} has no 'text' column (columns: {', '.join(dataset.column_names)})"
+        )
+    feature = dataset.features["text"]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise UserError(f"{label}: the 'text' column holds {feature}, not strings")
+    return [
+        Document(name=f"{label}[{row}]", text=text or "")
+        for row, text in enumerate(dataset["text"])
+    ]

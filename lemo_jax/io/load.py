@@ -32,6 +32,7 @@ def load_pretrained(
     lora: LoraConfig | None = None,
     rope: RopeConfig | None = None,
     attention_backend: str = "auto",
+    max_position_embeddings: int | None = None,
     seed: int = 0,
 ) -> Llama:
     """Loads a Llama-family model from a Hugging Face directory, a .gguf file or a built-in name.
@@ -51,10 +52,17 @@ def load_pretrained(
     )
     if rope is not None:
         overrides["rope"] = rope
+    if max_position_embeddings is not None:
+        overrides["max_position_embeddings"] = max_position_embeddings
     config = model_config_from_hf(hf_config, **overrides)
     return build_from_tensors(
         config, open_tensors(source, hf_config), lora=lora, seed=seed, origin=str(path_or_name)
     )
+
+
+def pretrained_config(path_or_name: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint, without reading its weights."""
+    return model_config_from_hf(load_hf_config(resolve_source(path_or_name)))
 
 
 def build_from_tensors(

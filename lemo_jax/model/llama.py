@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int
 from lemo_jax.configs.model import LoraConfig, ModelConfig
 from lemo_jax.model.attention import causal_attention, resolve_backend
 from lemo_jax.model.layers import Embedding, Linear, RMSNorm
+from lemo_jax.model.remat import checkpoint_name, remat
 from lemo_jax.model.rope import apply_rotary, rotary_angles
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -71,8 +72,11 @@ class Attention(nnx.Module):
         q = self.q_proj(x, dropout_key=keys["q_proj"]).reshape(B, T, N, H)
         k = self.k_proj(x, dropout_key=keys["k_proj"]).reshape(B, T, K, H)
         v = self.v_proj(x, dropout_key=keys["v_proj"]).reshape(B, T, K, H)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = checkpoint_name(apply_rotary(q, cos, sin), "query")
+        k = checkpoint_name(apply_rotary(k, cos, sin), "key")
+        v = checkpoint_name(v, "value")
         out = causal_attention(q, k, v, backend=self.backend)  # [B, T, N, H]
+        out = checkpoint_name(out, "attention_out")
         return self.o_proj(out.reshape(B, T, N * H), dropout_key=keys["o_proj"])
 
 
@@ -177,12 +181,14 @@ class Llama(nnx.Module):
         positions: Int[Array, "B T"] | None = None,
         *,
         dropout_key: jax.Array | None = None,
+        remat_policy: str = "none",
     ) -> Float[Array, "B T D"]:
-        """The final-norm output, before the LM head."""
+        """The final-norm output, before the LM head; `remat_policy` names what each layer
+        saves for the backward pass (see `lemo_jax.model.remat`)."""
         with matmul_precision(self.config.compute_jnp_dtype):
-            return self._hidden_states(input_ids, positions, dropout_key)
+            return self._hidden_states(input_ids, positions, dropout_key, remat_policy)
 
-    def _hidden_states(self, input_ids, positions, dropout_key):
+    def _hidden_states(self, input_ids, positions, dropout_key, remat_policy):
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -193,10 +199,13 @@ class Llama(nnx.Module):
         )
         graphdef, layer_state = nnx.split(self.layers)
 
+        def run_layer(h, state, key):
+            return nnx.merge(graphdef, state)(h, cos, sin, key)
+
+        run_layer = remat(run_layer, remat_policy)
+
         def body(carry, xs):
-            state, key = xs
-            layer = nnx.merge(graphdef, state)
-            return layer(carry, cos, sin, key), None
+            return run_layer(carry, *xs), None
 
         h, _ = jax.lax.scan(body, h, (layer_state, layer_keys))
         return self.final_norm(h)

@@ -1,0 +1,41 @@
+"""Rematerialisation (activation checkpointing) policies for the decoder layer, by name.
+
+The scan over layers always keeps each layer's input (the carry). The policy decides what else a
+layer saves for the backward pass instead of recomputing it:
+
+- `none`: everything (no recomputation; the paper's "without recomputation" setting).
+- `full`: nothing; the whole layer is recomputed (lowest memory).
+- `dots`: every matmul output; elementwise work is recomputed.
+- `dots_no_batch`: matmul outputs without batch dimensions (the projections, not attention).
+- `save_attention`: the named tensors `query`, `key`, `value` and `attention_out`, so the
+  backward pass recomputes the cheap projections but not the attention inputs and output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+
+ATTENTION_NAMES = ("query", "key", "value", "attention_out")
+
+_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_NAMES),
+}
+REMAT_POLICIES = ("none", *_POLICIES)
+
+
+def remat(function: Callable, policy: str) -> Callable:
+    """`function` wrapped in `jax.checkpoint` with the named policy (`none`: unchanged)."""
+    if policy == "none":
+        return function
+    if policy not in _POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose from {REMAT_POLICIES}")
+    return jax.checkpoint(function, policy=_POLICIES[policy], prevent_cse=False)
+
+
+__all__ = ["ATTENTION_NAMES", "REMAT_POLICIES", "checkpoint_name", "remat"]

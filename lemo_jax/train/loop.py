@@ -1,0 +1,203 @@
+"""The host loop of a fine-tuning run: resume, train, evaluate, checkpoint, report, export.
+
+Everything numerical happens in the jitted `train_step`; this loop owns the data position,
+logging cadence, checkpoints and signals. Re-running the same command resumes from the newest
+readable checkpoint and reproduces the losses of an uninterrupted run (same data order from the
+saved position, same RNG from the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from lemo_jax.configs.run import RunConfig
+from lemo_jax.data.pipeline import ShuffledSampler, TokenWindows, prepare_data
+from lemo_jax.io.checkpoint import RunCheckpoints
+from lemo_jax.model.lora import trainable_filter
+from lemo_jax.train.observe import MetricsLog, compiled_memory_gib, peak_device_memory_gib
+from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from lemo_jax.train.setup import build_model, prepare_run_directory
+from lemo_jax.train.signals import StopRequest
+from lemo_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class RunResult:
+    directory: Path
+    step: int
+    completed: bool
+    stop_signal: int | None = None
+    validation_loss: float | None = None
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    exported_to: Path | None = None
+
+
+def _saved_tree(state: TrainState) -> dict:
+    # Frozen base weights are not checkpointed: they come from the base model on every start.
+    return dict(
+        step=state.step, trainable=state.trainable, opt_state=state.opt_state, rng=state.rng
+    )
+
+
+def evaluate(eval_step, state: TrainState, windows: TokenWindows, count: int) -> float:
+    """Mean next-token loss over the first `count` validation windows, one at a time."""
+    total, tokens = 0.0, 0.0
+    for index in range(min(count, len(windows))):
+        nll, predicted = eval_step(state, jnp.asarray(windows.batch(np.array([index]))))
+        total, tokens = total + float(nll), tokens + float(predicted)
+    return total / tokens
+
+
+def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
+    train = config.train
+    directory = prepare_run_directory(config)
+    lora = config.lora if train.method == "lora" else None
+    model, tokenizer = build_model(config.model, lora, seq_len=train.seq_len, seed=train.seed)
+    train_windows, validation_windows = prepare_data(
+        config.data, tokenizer, train.seq_len, show_progress=show_progress
+    )
+    optimizer, schedule = make_optimizer(train), learning_rate_schedule(train)
+    graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
+    del model  # the state holds the arrays
+    checkpoints = RunCheckpoints(directory / "checkpoints", keep=config.checkpoint.keep)
+    record = {"data_position": 0}
+    restored = checkpoints.restore_latest(_saved_tree(state))
+    if restored is not None:
+        _, tree, record = restored
+        state = state.replace(**tree)
+    start = int(state.step)
+    eval_step = make_eval_step(graphdef, train)
+    eval_windows = train.eval_batches * train.batch_size
+    result = RunResult(directory=directory, step=start, completed=start >= train.steps)
+    if config.perplexity_before_after:
+        if "perplexity_before" not in record:
+            record["perplexity_before"] = math.exp(
+                evaluate(eval_step, state, validation_windows, eval_windows)
+            )
+        result.perplexity_before = record["perplexity_before"]
+
+    log = MetricsLog(directory, resume_step=start)
+    with StopRequest() as stop:
+        state, record = _train(
+            config,
+            graphdef,
+            state,
+            record,
+            optimizer,
+            schedule,
+            stop,
+            train_windows,
+            checkpoints,
+            log,
+            show_progress,
+            eval_step,
+            validation_windows,
+        )
+    checkpoints.close()
+    result.step = int(state.step)
+    result.completed = result.step >= train.steps
+    result.stop_signal = stop.requested
+    if result.completed:
+        result.validation_loss = evaluate(eval_step, state, validation_windows, eval_windows)
+        log.write(dict(step=result.step, validation_loss=result.validation_loss))
+        if config.perplexity_before_after:
+            result.perplexity_after = math.exp(result.validation_loss)
+        if config.export_after:
+            result.exported_to = _export(graphdef, state, directory, tokenizer)
+    log.close()
+    return result
+
+
+def _train(
+    config,
+    graphdef,
+    state,
+    record,
+    optimizer,
+    schedule,
+    stop,
+    train_windows,
+    checkpoints,
+    log,
+    show_progress,
+    eval_step,
+    validation_windows,
+):
+    train = config.train
+    per_step = train.grad_accum * train.batch_size
+    batch_shape = (train.grad_accum, train.batch_size, train.seq_len)
+    sampler = ShuffledSampler(len(train_windows), train.seed)
+    use_dropout = train.method == "lora" and config.lora.dropout > 0
+    step_fn = make_train_step(graphdef, optimizer, schedule, train, use_dropout=use_dropout)
+    compiled = step_fn.lower(state, jax.ShapeDtypeStruct(batch_shape, jnp.int32)).compile()
+    estimate = compiled_memory_gib(compiled)
+    start, position = int(state.step), int(record["data_position"])
+    progress = tqdm(
+        total=train.steps,
+        initial=start,
+        desc=config.name,
+        unit="step",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
+    last_time, last_step = time.perf_counter(), start
+    for step in range(start + 1, train.steps + 1):
+        indices = sampler.indices(position, per_step)
+        batch = train_windows.batch(indices).reshape(batch_shape)
+        position += per_step
+        state, metrics = compiled(state, batch)
+        is_last = step == train.steps or stop.requested is not None
+        if step % train.log_every == 0 or is_last:
+            metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            metrics["tokens_per_s"] = metrics["tokens"] * (step - last_step) / (now - last_time)
+            last_time, last_step = now, step
+            peak = peak_device_memory_gib()
+            metrics["memory_gib"] = peak if peak is not None else estimate
+            log.write(dict(step=step, **metrics))
+            progress.set_postfix(_postfix(metrics, peak is not None), refresh=False)
+        if train.eval_every and step % train.eval_every == 0 and not is_last:
+            loss = evaluate(
+                eval_step, state, validation_windows, train.eval_batches * train.batch_size
+            )
+            log.write(dict(step=step, validation_loss=loss))
+        progress.update(1)
+        if step % config.checkpoint.every == 0 or is_last:
+            record = dict(record, data_position=position)
+            checkpoints.save(step, _saved_tree(state), record)
+        if stop.requested is not None:
+            break
+    progress.close()
+    return state, record
+
+
+def _postfix(metrics: dict, is_device_peak: bool) -> dict:
+    memory = f"{metrics['memory_gib']:.1f}G" + ("" if is_device_peak else " (est.)")
+    return {
+        "loss": f"{metrics['loss']:.4f}",
+        "tok/s": f"{metrics['tokens_per_s']:,.0f}",
+        "lr": f"{metrics['learning_rate']:.2e}",
+        "mem": memory,
+    }
+
+
+def _export(graphdef, state: TrainState, directory: Path, tokenizer) -> Path | None:
+    from lemo_jax.io.export import export_hf
+
+    target = directory / "hf"
+    if target.exists():
+        print(f"{target} exists; not exporting again", file=sys.stderr)
+        return target
+    model = nnx.merge(graphdef, state.trainable, state.frozen)
+    return export_hf(model, target, dtype="bfloat16", tokenizer=tokenizer)

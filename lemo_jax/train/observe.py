@@ -1,0 +1,71 @@
+"""What a run reports: metrics.jsonl, TensorBoard events (if installed), device memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends one JSON object per record to `metrics.jsonl`, and to TensorBoard if available.
+
+    On resume, records of steps after the restored checkpoint (logged before an interruption but
+    not checkpointed) are dropped first, so the file holds one record per step.
+    """
+
+    def __init__(self, directory: Path, *, resume_step: int):
+        self.path = directory / METRICS_FILE
+        if self.path.is_file():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        self._tensorboard = _tensorboard_writer(directory / "tensorboard")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self._tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def _tensorboard_writer(directory: Path):
+    try:
+        import tensorboard  # noqa: F401 (torch's writer needs it)
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(directory))
+
+
+def peak_device_memory_gib() -> float | None:
+    """Peak bytes in use on the first device (GPU); None where the backend does not say."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def compiled_memory_gib(compiled) -> float:
+    """The compiled step's estimate: arguments + outputs + temporaries, aliased bytes once."""
+    analysis = compiled.memory_analysis()
+    total = (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+    return total / 2**30

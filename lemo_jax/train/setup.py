@@ -1,0 +1,131 @@
+"""Turning a `RunConfig` into the things a run needs: model, tokenizer, run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from lemo_jax.configs.model import LoraConfig, ModelConfig, RopeConfig
+from lemo_jax.configs.overrides import config_differences, config_from_dict, config_to_dict
+from lemo_jax.configs.registry import get_model_config
+from lemo_jax.configs.run import ModelSection, RunConfig
+from lemo_jax.errors import UserError
+from lemo_jax.io.load import load_pretrained, load_tokenizer, pretrained_config
+from lemo_jax.model.llama import Llama
+
+RUN_CONFIG_FILE = "run_config.json"
+# Fields that may change when a run is resumed: how long it runs and how it reports, not what
+# it computes.
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.log_every",
+    "checkpoint",
+    "export_after",
+    "perplexity_before_after",
+    "name",
+)
+
+
+def resolve_compute_dtype(section: ModelSection) -> str:
+    if section.compute_dtype != "auto":
+        return section.compute_dtype
+    return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+
+
+def _scaled_rope(base: ModelConfig, section: ModelSection) -> tuple[RopeConfig, int]:
+    """The RoPE the run trains with, and the context length it targets."""
+    if section.rope_scaling is None:
+        return base.rope, base.max_position_embeddings
+    rope = RopeConfig(
+        theta=base.rope.theta,
+        scaling=section.rope_scaling,
+        factor=section.rope_factor,
+        original_max_position_embeddings=base.max_position_embeddings,
+    )
+    return rope, int(base.max_position_embeddings * section.rope_factor)
+
+
+def build_model(
+    section: ModelSection, lora: LoraConfig | None, *, seq_len: int, seed: int
+) -> tuple[Llama, object]:
+    """The model to fine-tune (LoRA adapters fresh) and its tokenizer."""
+    compute_dtype = resolve_compute_dtype(section)
+    if section.init == "pretrained":
+        if section.path is None:
+            raise UserError(
+                "no model weights given: --set model.path=DIR (a Hugging Face "
+                "directory or .gguf file) or --set model.init=random"
+            )
+        base = pretrained_config(section.path)
+        rope, context = _scaled_rope(base, section)
+        model = load_pretrained(
+            section.path,
+            dtype=section.param_dtype,
+            compute_dtype=compute_dtype,
+            lora=lora,
+            rope=rope,
+            attention_backend=section.attention_backend,
+            max_position_embeddings=max(context, seq_len),
+            seed=seed,
+        )
+        return model, load_tokenizer(section.path)
+    if section.preset is None:
+        raise UserError("model.init=random needs model.preset (a model shape such as llama2_7b)")
+    base = get_model_config(section.preset)
+    rope, context = _scaled_rope(base, section)
+    config = dataclasses.replace(
+        base,
+        param_dtype=section.param_dtype,
+        compute_dtype=compute_dtype,
+        rope=rope,
+        attention_backend=section.attention_backend,
+        max_position_embeddings=max(context, seq_len),
+    )
+    model = Llama(config, lora=lora, rngs=nnx.Rngs(seed))
+    tokenizer = load_tokenizer(section.path) if section.path else _byte_tokenizer()
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but model.preset="
+            f"{section.preset} has a vocabulary of {config.vocab_size}"
+        )
+    return model, tokenizer
+
+
+def _byte_tokenizer():
+    # Random weights have no tokenizer of their own; UTF-8 bytes need no vocabulary file.
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+def prepare_run_directory(config: RunConfig) -> Path:
+    """Creates the run directory, or checks that an existing one holds this same run."""
+    directory = Path(config.output_dir).expanduser()
+    saved = directory / RUN_CONFIG_FILE
+    if saved.is_file():
+        try:
+            previous = config_from_dict(RunConfig, json.loads(saved.read_text()))
+        except (ValueError, UserError) as err:
+            raise UserError(f"{saved} is unreadable ({err}); use another output_dir") from None
+        differences = config_differences(previous, config, ignore=RESUMABLE_CHANGES)
+        if differences:
+            raise UserError(
+                f"{directory} holds a different run (differs in "
+                f"{', '.join(differences)}); set another output_dir or remove it"
+            )
+    elif directory.exists() and any(directory.iterdir()):
+        raise UserError(
+            f"{directory} exists and is not a lemo-jax run directory; set another output_dir"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = saved.with_suffix(".tmp")
+    temporary.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    os.replace(temporary, saved)  # atomic: never a half-written config
+    return directory

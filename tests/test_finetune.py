@@ -1,0 +1,121 @@
+"""scripts/finetune.py and the training loop: end to end, resume, signals, bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lemo_jax.configs.overrides import apply_overrides
+from lemo_jax.configs.runs import get_run_config, run_names
+from lemo_jax.train.loop import run_training
+
+ROOT = Path(__file__).parents[1]
+TEXT = "\n".join(
+    f"def function_{i}(value):\n    return value * {i} + {i % 7}  # line {i}\n" for i in range(1500)
+)
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "train.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def tiny_overrides(tmp_path: Path, text_file: Path, **fields) -> list[str]:
+    values = {
+        "output_dir": str(tmp_path / "run"),
+        "data.train": str(text_file),
+        "data.validation": "holdout",
+        "data.cache_dir": str(tmp_path / "cache"),
+        "train.seq_len": 64,
+        "train.steps": 8,
+        "checkpoint.every": 4,
+        **fields,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def finetune(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_every_run_config_builds_and_validates():
+    for name in run_names():
+        config = get_run_config(name)
+        assert config.name == name
+        assert config.train.seq_len >= 128
+
+
+def test_tiny_end_to_end(tmp_path, text_file):
+    sets = tiny_overrides(tmp_path, text_file, **{"train.eval_every": 4})
+    result = finetune("--config", "tiny", *[a for s in sets for a in ("--set", s)])
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "run"
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, 9))
+    assert all(0 < loss < 10 for loss in losses.values())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "validation_loss" in r] == [4, 8]
+    assert {"tokens_per_s", "learning_rate", "grad_norm", "memory_gib"} <= set(records[0])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["4", "8"]
+    assert "step 8/8" in result.stdout
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, text_file):
+    base = apply_overrides(get_run_config("tiny"), tiny_overrides(tmp_path, text_file))
+    whole = apply_overrides(base, [f"output_dir={tmp_path / 'whole'}"])
+    run_training(whole, show_progress=False)
+    split = apply_overrides(base, [f"output_dir={tmp_path / 'split'}", "train.steps=5"])
+    first = run_training(split, show_progress=False)
+    assert first.step == 5 and first.completed
+    resumed = run_training(apply_overrides(split, ["train.steps=8"]), show_progress=False)
+    assert resumed.step == 8
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "whole")
+
+
+def test_sigint_saves_and_the_same_command_resumes(tmp_path, text_file):
+    def args_for(run_dir: Path) -> list[str]:
+        fields = {"output_dir": run_dir, "train.steps": 400, "checkpoint.every": 1000}
+        sets = tiny_overrides(tmp_path, text_file, **fields)
+        return ["--config", "tiny", *[a for s in sets for a in ("--set", s)]]
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--no-progress"]
+    process = subprocess.Popen(
+        [*command, *args_for(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        metrics.is_file() and len(metrics.read_text().splitlines()) >= 3
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    stopped_at = max(train_losses(run_dir))
+    assert 3 <= stopped_at < 400
+    assert f"stopped at step {stopped_at}" in stdout
+    assert (run_dir / "checkpoints" / str(stopped_at)).is_dir()
+
+    resumed = finetune(*args_for(run_dir))  # the same command
+    assert resumed.returncode == 0, resumed.stderr
+    reference = finetune(*args_for(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    assert train_losses(run_dir) == train_losses(tmp_path / "reference")
