@@ -1,8 +1,10 @@
-"""Hugging Face `LlamaConfig` <-> `ModelConfig`."""
+"""Hugging Face `LlamaConfig` <-> `ModelConfig`: `model_config_from_hf` and its inverse."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import transformers
 
 from lemo_jax.configs.model import ModelConfig, RopeConfig
 from lemo_jax.errors import UserError
@@ -78,3 +80,63 @@ def model_config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
         return ModelConfig(**fields)
     except ValueError as err:
         raise UserError(f"invalid model config: {err}") from None
+
+
+# The keys transformers' RoPE validation accepts for each scaling type, beyond type and theta.
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+    "yarn": (
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    ),
+}
+
+
+def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
+    # transformers 5 `rope_parameters`; unset optional fields (None) are left out so that
+    # transformers applies its own defaults, as `_rope_from_hf` does when reading.
+    params: dict[str, Any] = {"rope_theta": rope.theta, "rope_type": rope.scaling}
+    for key in _ROPE_KEYS[rope.scaling]:
+        value = getattr(rope, key)
+        if value is not None:
+            params[key] = value
+    return params
+
+
+def hf_config_from_model_config(
+    config: ModelConfig, *, bos_token_id: int | None = None, eos_token_id: int | None = None
+) -> transformers.LlamaConfig:
+    """The `LlamaConfig` describing `config`: the inverse of `model_config_from_hf`.
+
+    Dtypes and the attention backend are not architecture and are not written; the caller sets
+    `dtype` for the tensors it saves.
+    """
+    try:
+        return transformers.LlamaConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.model_dim,
+            intermediate_size=config.mlp_dim,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            max_position_embeddings=config.max_position_embeddings,
+            rms_norm_eps=config.norm_eps,
+            rope_parameters=_rope_to_hf(config.rope),
+            tie_word_embeddings=config.tie_embeddings,
+            attention_bias=config.use_attention_bias,
+            mlp_bias=config.use_mlp_bias,
+            initializer_range=config.initializer_range,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+        )
+    except (ValueError, TypeError) as err:
+        raise UserError(f"the model config has no Hugging Face Llama equivalent: {err}") from None

@@ -26,7 +26,7 @@ from lemo_jax.io.checkpoint import RunCheckpoints
 from lemo_jax.model.lora import trainable_filter
 from lemo_jax.train.observe import MetricsLog, compiled_memory_gib, peak_device_memory_gib
 from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lemo_jax.train.setup import build_model, prepare_run_directory
+from lemo_jax.train.setup import build_model, check_run_directory, write_run_config
 from lemo_jax.train.signals import StopRequest
 from lemo_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
@@ -61,12 +61,13 @@ def evaluate(eval_step, state: TrainState, windows: TokenWindows, count: int) ->
 
 def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
     train = config.train
-    directory = prepare_run_directory(config)
+    directory = check_run_directory(config)
     lora = config.lora if train.method == "lora" else None
     model, tokenizer = build_model(config.model, lora, seq_len=train.seq_len, seed=train.seed)
     train_windows, validation_windows = prepare_data(
         config.data, tokenizer, train.seq_len, show_progress=show_progress
     )
+    write_run_config(directory, config)
     optimizer, schedule = make_optimizer(train), learning_rate_schedule(train)
     graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
     del model  # the state holds the arrays

@@ -105,8 +105,13 @@ def _byte_tokenizer():
     return ByT5Tokenizer()
 
 
-def prepare_run_directory(config: RunConfig) -> Path:
-    """Creates the run directory, or checks that an existing one holds this same run."""
+def check_run_directory(config: RunConfig) -> Path:
+    """The run directory, after checking that it is new, empty, or holds this same run.
+
+    Nothing is written: the directory and its `run_config.json` are created by
+    `write_run_config` once the model and data have loaded, so a run that fails on bad input
+    leaves nothing behind.
+    """
     directory = Path(config.output_dir).expanduser()
     saved = directory / RUN_CONFIG_FILE
     if saved.is_file():
@@ -120,12 +125,16 @@ def prepare_run_directory(config: RunConfig) -> Path:
                 f"{directory} holds a different run (differs in "
                 f"{', '.join(differences)}); set another output_dir or remove it"
             )
-    elif directory.exists() and any(directory.iterdir()):
+    elif directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise UserError(
             f"{directory} exists and is not a lemo-jax run directory; set another output_dir"
         )
+    return directory
+
+
+def write_run_config(directory: Path, config: RunConfig) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    saved = directory / RUN_CONFIG_FILE
     temporary = saved.with_suffix(".tmp")
     temporary.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     os.replace(temporary, saved)  # atomic: never a half-written config
-    return directory

@@ -1,0 +1,130 @@
+"""Bad input to finetune.py / export_to_pytorch.py: one clear line, non-zero exit, nothing lost."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lemo_jax.errors import UserError
+
+ROOT = Path(__file__).parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = load_script("finetune")
+export = load_script("export_to_pytorch")
+
+
+def tiny_args(tmp_path: Path, data: Path | str, *extra: str) -> list[str]:
+    fields = {
+        "output_dir": tmp_path / "run",
+        "data.train": data,
+        "data.cache_dir": tmp_path / "cache",
+        "train.seq_len": 64,
+        "train.steps": 2,
+    }
+    fields.update(assignment.split("=", 1) for assignment in extra)
+    sets = [f"{key}={value}" for key, value in fields.items()]
+    return ["--config", "tiny", "--no-progress", *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "train.txt"
+    path.write_text("def f(x):\n    return x + 1\n" * 400)
+    return path
+
+
+def test_unknown_config_is_one_line_with_the_choices():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--config", "llama9"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        result.stderr.strip(),
+    ], result.stderr  # exactly one line
+    assert "unknown config 'llama9'" in result.stderr and "smollm2_demo" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("train.stepz=3", "has no field 'stepz'"),
+        ("train.steps=ten", "expects an integer"),
+        ("train.remat=everything", "train.remat"),
+        ("train.seq_len=1", "train.seq_len must be at least 2"),
+    ],
+)
+def test_bad_overrides(tmp_path, text_file, assignment, message):
+    with pytest.raises(UserError, match=message):
+        finetune.main(tiny_args(tmp_path, text_file, assignment))
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_empty_and_short_data(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        finetune.main(tiny_args(tmp_path, tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="no text"):
+        finetune.main(tiny_args(tmp_path, empty))
+    short = tmp_path / "short.txt"
+    short.write_text("x = 1\n")
+    with pytest.raises(UserError, match=r"one sequence of train\.seq_len=64"):
+        finetune.main(tiny_args(tmp_path, short))
+
+
+def test_pretrained_config_without_weights():
+    with pytest.raises(UserError, match=r"--set model.path=DIR .* --set model.init=random"):
+        finetune.main(
+            ["--config", "llama_64k", "--no-progress", "--set", "output_dir=/nonexistent"]
+        )
+
+
+def test_output_directory_of_a_different_run_is_left_alone(tmp_path, text_file):
+    finetune.main(tiny_args(tmp_path, text_file))
+    saved = (tmp_path / "run" / "run_config.json").read_text()
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match=r"holds a different run \(differs in lora.rank\)"):
+        finetune.main(tiny_args(tmp_path, text_file, "lora.rank=2"))
+    assert (tmp_path / "run" / "run_config.json").read_text() == saved
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+def test_output_directory_that_is_not_a_run(tmp_path, text_file):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a lemo-jax run directory"):
+        finetune.main(tiny_args(tmp_path, text_file))
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_export_errors(tmp_path, text_file):
+    with pytest.raises(UserError, match="not a lemo-jax run directory"):
+        export.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")])
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        export.main(["--checkpoint", str(tmp_path), "--out", str(existing)])
+    finetune.main(tiny_args(tmp_path, text_file, "checkpoint.every=1"))
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="no checkpoint at step 7"):
+        export.main(["--checkpoint", str(run), "--step", "7", "--out", str(tmp_path / "a")])
+    for file in (run / "checkpoints" / "2").rglob("*"):
+        if file.is_file() and file.stat().st_size > 0:
+            file.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="damaged"):
+        export.main(["--checkpoint", str(run), "--step", "2", "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
