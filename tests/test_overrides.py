@@ -71,7 +71,10 @@ def test_int_values():
     assert apply_overrides(base_run(), ["train.steps=250"]).train.steps == 250
     # Python's int() syntax: underscores between digits are accepted.
     assert apply_overrides(base_run(), ["train.steps=1_000"]).train.steps == 1000
-    assert apply_overrides(base_run(), ["train.seed=-3"]).train.seed == -3
+    assert apply_overrides(base_run(), ["train.seed=+3"]).train.seed == 3
+    # A negative integer parses; the section's own validation then rejects it.
+    with pytest.raises(UserError, match=r"train\.seed must be >= 0 \(set by 'train\.seed=-3'\)"):
+        apply_overrides(base_run(), ["train.seed=-3"])
     with pytest.raises(UserError, match=r"^train\.steps expects an integer, got 'ten'$"):
         apply_overrides(base_run(), ["train.steps=ten"])
     # A fractional or exponent value is rejected rather than truncated.

@@ -111,7 +111,8 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
     result.stop_signal = stop.requested
     if result.completed:
         result.validation_loss = evaluate(eval_step, state, validation_windows, eval_windows)
-        log.write(dict(step=result.step, validation_loss=result.validation_loss))
+        if start < train.steps:  # a finished run that is re-run only reports
+            log.write(dict(step=result.step, validation_loss=result.validation_loss))
         if config.perplexity_before_after:
             result.perplexity_after = math.exp(result.validation_loss)
         if config.export_after:
@@ -158,7 +159,10 @@ def _train(
         batch = train_windows.batch(indices).reshape(batch_shape)
         position += per_step
         state, metrics = compiled(state, batch)
-        is_last = step == train.steps or stop.requested is not None
+        # Read the stop flag once: a signal arriving later in this iteration is seen in the next
+        # one, so a step is never left without its checkpoint.
+        stopping = stop.requested is not None
+        is_last = step == train.steps or stopping
         if step % train.log_every == 0 or is_last:
             metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
             now = time.perf_counter()
@@ -177,7 +181,7 @@ def _train(
         if step % config.checkpoint.every == 0 or is_last:
             record = dict(record, data_position=position)
             checkpoints.save(step, _saved_tree(state), record)
-        if stop.requested is not None:
+        if stopping:
             break
     progress.close()
     return state, record
