@@ -119,3 +119,34 @@ def test_sigint_saves_and_the_same_command_resumes(tmp_path, text_file):
     reference = finetune(*args_for(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
     assert train_losses(run_dir) == train_losses(tmp_path / "reference")
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, text_file):
+    config = apply_overrides(get_run_config("tiny"), tiny_overrides(tmp_path, text_file))
+    run_training(config, show_progress=False)  # checkpoints at steps 4 and 8
+    reference = train_losses(tmp_path / "run")
+    for file in (tmp_path / "run" / "checkpoints" / "8").rglob("*"):
+        if file.is_file() and file.stat().st_size > 0:
+            file.write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="step 8 .* is damaged"):
+        result = run_training(config, show_progress=False)
+    assert result.step == 8 and result.completed
+    assert train_losses(tmp_path / "run") == reference  # steps 5-8 redone identically
+    assert any((tmp_path / "run" / "damaged_checkpoints").iterdir())
+
+
+def test_full_fine_tuning_without_loss_chunking(tmp_path, text_file):
+    sets = tiny_overrides(
+        tmp_path,
+        text_file,
+        **{
+            "train.method": "full",
+            "train.loss_chunk_size": 0,
+            "train.steps": 3,
+            "train.remat": "none",
+        },
+    )
+    result = run_training(apply_overrides(get_run_config("tiny"), sets), show_progress=False)
+    assert result.completed and result.validation_loss < 10
+    losses = train_losses(tmp_path / "run")
+    assert losses[3] < losses[1]  # full fine-tuning at lr 3e-3 learns within 3 steps

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from lemo_jax.configs.overrides import apply_overrides
+from lemo_jax.configs.runs import get_run_config
 from lemo_jax.errors import UserError
+from lemo_jax.train.setup import write_run_config
 
 ROOT = Path(__file__).parents[1]
 
@@ -118,6 +121,10 @@ def test_export_errors(tmp_path, text_file):
     existing.mkdir()
     with pytest.raises(UserError, match="already exists"):
         export.main(["--checkpoint", str(tmp_path), "--out", str(existing)])
+    fresh = tmp_path / "fresh"  # a run directory whose run has not checkpointed yet
+    write_run_config(fresh, apply_overrides(get_run_config("tiny"), [f"output_dir={fresh}"]))
+    with pytest.raises(UserError, match="has no checkpoint yet"):
+        export.main(["--checkpoint", str(fresh), "--out", str(tmp_path / "hf")])
     finetune.main(tiny_args(tmp_path, text_file, "checkpoint.every=1"))
     run = tmp_path / "run"
     with pytest.raises(UserError, match="no checkpoint at step 7"):
