@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -59,6 +60,84 @@ def evaluate(eval_step, state: TrainState, windows: TokenWindows, count: int) ->
     return total / tokens
 
 
+@dataclasses.dataclass
+class _Session:
+    """What one invocation of a run holds besides the training state."""
+
+    config: RunConfig
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_windows: TokenWindows
+    validation_windows: TokenWindows
+    checkpoints: RunCheckpoints
+    show_progress: bool
+
+    def __post_init__(self):
+        self.eval_step = make_eval_step(self.graphdef, self.config.train)
+
+    def validation_loss(self, state: TrainState) -> float:
+        train = self.config.train
+        return evaluate(
+            self.eval_step, state, self.validation_windows, train.eval_batches * train.batch_size
+        )
+
+    def compile_step(self, state: TrainState):
+        train = self.config.train
+        use_dropout = train.method == "lora" and self.config.lora.dropout > 0
+        step = make_train_step(
+            self.graphdef, self.optimizer, self.schedule, train, use_dropout=use_dropout
+        )
+        shape = (train.grad_accum, train.batch_size, train.seq_len)
+        return step.lower(state, jax.ShapeDtypeStruct(shape, jnp.int32)).compile()
+
+    def train(
+        self, state: TrainState, record: dict, log: MetricsLog, stop: StopRequest
+    ) -> tuple[TrainState, dict]:
+        config, train = self.config, self.config.train
+        compiled = self.compile_step(state)
+        estimate = compiled_memory_gib(compiled)
+        sampler = ShuffledSampler(len(self.train_windows), train.seed)
+        per_step = train.grad_accum * train.batch_size
+        start, position = int(state.step), int(record["data_position"])
+        progress = tqdm(
+            total=train.steps,
+            initial=start,
+            desc=config.name,
+            unit="step",
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+        )
+        last_time, last_step = time.perf_counter(), start
+        for step in range(start + 1, train.steps + 1):
+            batch = self.train_windows.batch(sampler.indices(position, per_step))
+            position += per_step
+            state, metrics = compiled(state, batch.reshape(train.grad_accum, train.batch_size, -1))
+            # Read the stop flag once: a signal arriving later in this iteration is seen in the
+            # next one, so a step is never left without its checkpoint.
+            stopping = stop.requested is not None
+            is_last = step == train.steps or stopping
+            if step % train.log_every == 0 or is_last:
+                metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                metrics["tokens_per_s"] = metrics["tokens"] * (step - last_step) / (now - last_time)
+                last_time, last_step = now, step
+                peak = peak_device_memory_gib()
+                metrics["memory_gib"] = peak if peak is not None else estimate
+                log.write(dict(step=step, **metrics))
+                progress.set_postfix(_postfix(metrics, peak is not None), refresh=False)
+            if train.eval_every and step % train.eval_every == 0 and not is_last:
+                log.write(dict(step=step, validation_loss=self.validation_loss(state)))
+            progress.update(1)
+            if step % config.checkpoint.every == 0 or is_last:
+                record = dict(record, data_position=position)
+                self.checkpoints.save(step, _saved_tree(state), record)
+            if stopping:
+                break
+        progress.close()
+        return state, record
+
+
 def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
     train = config.train
     directory = check_run_directory(config)
@@ -68,49 +147,41 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
         config.data, tokenizer, train.seq_len, show_progress=show_progress
     )
     write_run_config(directory, config)
-    optimizer, schedule = make_optimizer(train), learning_rate_schedule(train)
+    optimizer = make_optimizer(train)
     graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
     del model  # the state holds the arrays
     checkpoints = RunCheckpoints(directory / "checkpoints", keep=config.checkpoint.keep)
+    session = _Session(
+        config,
+        graphdef,
+        optimizer,
+        learning_rate_schedule(train),
+        train_windows,
+        validation_windows,
+        checkpoints,
+        show_progress,
+    )
     record = {"data_position": 0}
     restored = checkpoints.restore_latest(_saved_tree(state))
     if restored is not None:
         _, tree, record = restored
         state = state.replace(**tree)
     start = int(state.step)
-    eval_step = make_eval_step(graphdef, train)
-    eval_windows = train.eval_batches * train.batch_size
     result = RunResult(directory=directory, step=start, completed=start >= train.steps)
     if config.perplexity_before_after:
         if "perplexity_before" not in record:
-            record["perplexity_before"] = math.exp(
-                evaluate(eval_step, state, validation_windows, eval_windows)
-            )
+            record["perplexity_before"] = math.exp(session.validation_loss(state))
         result.perplexity_before = record["perplexity_before"]
 
     log = MetricsLog(directory, resume_step=start)
     with StopRequest() as stop:
-        state, record = _train(
-            config,
-            graphdef,
-            state,
-            record,
-            optimizer,
-            schedule,
-            stop,
-            train_windows,
-            checkpoints,
-            log,
-            show_progress,
-            eval_step,
-            validation_windows,
-        )
+        state, record = session.train(state, record, log, stop)
     checkpoints.close()
     result.step = int(state.step)
     result.completed = result.step >= train.steps
     result.stop_signal = stop.requested
     if result.completed:
-        result.validation_loss = evaluate(eval_step, state, validation_windows, eval_windows)
+        result.validation_loss = session.validation_loss(state)
         if start < train.steps:  # a finished run that is re-run only reports
             log.write(dict(step=result.step, validation_loss=result.validation_loss))
         if config.perplexity_before_after:
@@ -119,72 +190,6 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
             result.exported_to = _export(graphdef, state, directory, tokenizer)
     log.close()
     return result
-
-
-def _train(
-    config,
-    graphdef,
-    state,
-    record,
-    optimizer,
-    schedule,
-    stop,
-    train_windows,
-    checkpoints,
-    log,
-    show_progress,
-    eval_step,
-    validation_windows,
-):
-    train = config.train
-    per_step = train.grad_accum * train.batch_size
-    batch_shape = (train.grad_accum, train.batch_size, train.seq_len)
-    sampler = ShuffledSampler(len(train_windows), train.seed)
-    use_dropout = train.method == "lora" and config.lora.dropout > 0
-    step_fn = make_train_step(graphdef, optimizer, schedule, train, use_dropout=use_dropout)
-    compiled = step_fn.lower(state, jax.ShapeDtypeStruct(batch_shape, jnp.int32)).compile()
-    estimate = compiled_memory_gib(compiled)
-    start, position = int(state.step), int(record["data_position"])
-    progress = tqdm(
-        total=train.steps,
-        initial=start,
-        desc=config.name,
-        unit="step",
-        disable=not show_progress,
-        dynamic_ncols=True,
-    )
-    last_time, last_step = time.perf_counter(), start
-    for step in range(start + 1, train.steps + 1):
-        indices = sampler.indices(position, per_step)
-        batch = train_windows.batch(indices).reshape(batch_shape)
-        position += per_step
-        state, metrics = compiled(state, batch)
-        # Read the stop flag once: a signal arriving later in this iteration is seen in the next
-        # one, so a step is never left without its checkpoint.
-        stopping = stop.requested is not None
-        is_last = step == train.steps or stopping
-        if step % train.log_every == 0 or is_last:
-            metrics = {key: float(value) for key, value in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            metrics["tokens_per_s"] = metrics["tokens"] * (step - last_step) / (now - last_time)
-            last_time, last_step = now, step
-            peak = peak_device_memory_gib()
-            metrics["memory_gib"] = peak if peak is not None else estimate
-            log.write(dict(step=step, **metrics))
-            progress.set_postfix(_postfix(metrics, peak is not None), refresh=False)
-        if train.eval_every and step % train.eval_every == 0 and not is_last:
-            loss = evaluate(
-                eval_step, state, validation_windows, train.eval_batches * train.batch_size
-            )
-            log.write(dict(step=step, validation_loss=loss))
-        progress.update(1)
-        if step % config.checkpoint.every == 0 or is_last:
-            record = dict(record, data_position=position)
-            checkpoints.save(step, _saved_tree(state), record)
-        if stopping:
-            break
-    progress.close()
-    return state, record
 
 
 def _postfix(metrics: dict, is_device_peak: bool) -> dict:
