@@ -5,8 +5,11 @@ to Triton on a GPU and run in Pallas' interpreter elsewhere, so CPU tests exerci
 This package never imports `lemo_jax`; the model reaches each kernel through one dispatch point.
 
 - `flash_attention`: causal / non-causal GQA attention, layout BTNH, fused forward and backward.
+- `block_scores`: LeMo's key-block scores (paper eq. 2) for token elimination, tiled over query
+  blocks (XLA path; the Pallas kernel comes later).
 """
 
+from pallas_kernels.block_scores import block_scores, block_scores_reference
 from pallas_kernels.flash_attention import (
     MASK_VALUE,
     AttentionBlockSizes,
@@ -14,4 +17,11 @@ from pallas_kernels.flash_attention import (
     flash_attention_reference,
 )
 
-__all__ = ["MASK_VALUE", "AttentionBlockSizes", "flash_attention", "flash_attention_reference"]
+__all__ = [
+    "MASK_VALUE",
+    "AttentionBlockSizes",
+    "block_scores",
+    "block_scores_reference",
+    "flash_attention",
+    "flash_attention_reference",
+]

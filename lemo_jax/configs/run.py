@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from lemo_jax.configs.model import ATTENTION_BACKENDS, DTYPES, ROPE_SCALINGS, LoraConfig
+from lemo_jax.lemo.config import LemoConfig
 from lemo_jax.model.remat import REMAT_POLICIES
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -149,5 +150,6 @@ class RunConfig:
     train: TrainSection = TrainSection()
     data: DataSection = DataSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    lemo: LemoConfig = dataclasses.field(default_factory=LemoConfig)
     export_after: bool = False  # write a Hugging Face model to OUTPUT_DIR/hf at the end
     perplexity_before_after: bool = False  # dense validation perplexity before and after

@@ -17,6 +17,7 @@ from lemo_jax.configs.run import (
     TrainSection,
 )
 from lemo_jax.errors import UserError
+from lemo_jax.lemo.config import LemoConfig
 
 _RUNS: dict[str, Callable[[], RunConfig]] = {}
 
@@ -99,7 +100,8 @@ def smollm2_32k() -> RunConfig:
 
 def _paper_recipe(name: str, preset: str, *, rope_scaling: str, rope_factor: float) -> RunConfig:
     """The paper's fine-tuning recipe: LoRA r=8 alpha=16 on q,k,v,o; AdamW (0.9, 0.95); lr 2e-5,
-    20 warm-up steps then constant; batch 1; 65,536 tokens; full recomputation."""
+    20 warm-up steps then constant; batch 1; 65,536 tokens; full recomputation; LeMo with the
+    end-to-end rule of the paper's runs (`paper_e2e`)."""
     return RunConfig(
         name=name,
         output_dir=f"runs/{name}",
@@ -124,6 +126,7 @@ def _paper_recipe(name: str, preset: str, *, rope_scaling: str, rope_factor: flo
         ),
         checkpoint=CheckpointSection(every=100, keep=2),
         data=DataSection(),
+        lemo=LemoConfig(enabled=True, schedule="paper_e2e"),
     )
 
 

@@ -15,6 +15,13 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from lemo_jax.configs.model import LoraConfig, ModelConfig
+from lemo_jax.lemo.layer import (
+    EliminationPlan,
+    GroupPlan,
+    attention_token_ids,
+    eliminated_attention,
+    token_sparse_mlp,
+)
 from lemo_jax.model.attention import causal_attention, resolve_backend
 from lemo_jax.model.layers import Embedding, Linear, RMSNorm
 from lemo_jax.model.remat import checkpoint_name, remat
@@ -59,6 +66,16 @@ class Attention(nnx.Module):
         self.o_proj = _linear(config, lora, "o_proj", N * H, D, ("q_heads", "embed"), bias, rngs)
         self.shape = (N, K, H)
         self.backend = resolve_backend(config.attention_backend, config.compute_jnp_dtype)
+
+    def rotated_query_key(
+        self, x: Float[Array, "B T D"], cos: Float[Array, "B T H"], sin: Float[Array, "B T H"]
+    ) -> tuple[Float[Array, "B T N H"], Float[Array, "B T K H"]]:
+        """Queries and keys after RoPE, without dropout (what the block scorer reads)."""
+        N, K, H = self.shape
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, N, H)
+        k = self.k_proj(x).reshape(B, T, K, H)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def __call__(
         self,
@@ -117,10 +134,20 @@ class DecoderLayer(nnx.Module):
         cos: Float[Array, "B T H"],
         sin: Float[Array, "B T H"],
         dropout_key: jax.Array | None,
+        *,
+        attention_token_ids: Int[Array, "B R"] | None = None,
+        mlp_tokens: int | None = None,
     ) -> Float[Array, "B T D"]:
+        """With `attention_token_ids`, attention runs on those tokens only; with `mlp_tokens`,
+        the MLP runs on that many tokens (LeMo token elimination, `lemo_jax.lemo.layer`)."""
         keys = _projection_keys(dropout_key)
-        h = x + self.attention(self.attention_norm(x), cos, sin, keys)
-        return h + self.mlp(self.mlp_norm(h), keys)
+        if attention_token_ids is None:
+            h = x + self.attention(self.attention_norm(x), cos, sin, keys)
+        else:
+            h = eliminated_attention(self, x, attention_token_ids, cos, sin, keys)
+        if mlp_tokens is None:
+            return h + self.mlp(self.mlp_norm(h), keys)
+        return token_sparse_mlp(self, h, mlp_tokens, keys)
 
 
 def _projection_keys(key: jax.Array | None) -> dict[str, jax.Array | None]:
@@ -182,13 +209,60 @@ class Llama(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
         remat_policy: str = "none",
+        plan: EliminationPlan | None = None,
     ) -> Float[Array, "B T D"]:
         """The final-norm output, before the LM head; `remat_policy` names what each layer
         saves for the backward pass (see `lemo_jax.model.remat`)."""
         with matmul_precision(self.config.compute_jnp_dtype):
-            return self._hidden_states(input_ids, positions, dropout_key, remat_policy)
+            return self._hidden_states(input_ids, positions, dropout_key, remat_policy, plan)
 
-    def _hidden_states(self, input_ids, positions, dropout_key, remat_policy):
+    def _run_group(
+        self,
+        h,
+        group: GroupPlan,
+        plan: EliminationPlan | None,
+        cos,
+        sin,
+        layer_keys,
+        remat_policy: str,
+    ):
+        """One `lax.scan` over layers [start, stop), which share static token budgets.
+
+        Each step reads its layer's parameters from the [L] stack by index, so groups never copy
+        slices of the stack. The token selection runs outside the remat region: its int32
+        indices are all the backward pass keeps of it.
+        """
+        graphdef, layer_state = nnx.split(self.layers)
+        mlp_tokens = None if group.mlp_blocks is None else group.mlp_blocks * plan.block_size
+
+        def layer_at(index):
+            state = jax.tree.map(
+                lambda p: jax.lax.dynamic_index_in_dim(p, index, 0, False), layer_state
+            )
+            return nnx.merge(graphdef, state)
+
+        def update(h, index, key, token_ids):
+            return layer_at(index)(
+                h, cos, sin, key, attention_token_ids=token_ids, mlp_tokens=mlp_tokens
+            )
+
+        update = remat(update, remat_policy)
+
+        def body(h, xs):
+            index, key = xs
+            token_ids = None
+            if group.attention_blocks is not None:
+                token_ids = attention_token_ids(
+                    layer_at(index), h, cos, sin, num_blocks=group.attention_blocks, plan=plan
+                )
+            return update(h, index, key, token_ids), None
+
+        indices = jnp.arange(group.start, group.stop)
+        keys = None if layer_keys is None else layer_keys[group.start : group.stop]
+        h, _ = jax.lax.scan(body, h, (indices, keys))
+        return h
+
+    def _hidden_states(self, input_ids, positions, dropout_key, remat_policy, plan):
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -197,17 +271,9 @@ class Llama(nnx.Module):
         layer_keys = (
             None if dropout_key is None else jax.random.split(dropout_key, self.config.num_layers)
         )
-        graphdef, layer_state = nnx.split(self.layers)
-
-        def run_layer(h, state, key):
-            return nnx.merge(graphdef, state)(h, cos, sin, key)
-
-        run_layer = remat(run_layer, remat_policy)
-
-        def body(carry, xs):
-            return run_layer(carry, *xs), None
-
-        h, _ = jax.lax.scan(body, h, (layer_state, layer_keys))
+        groups = plan.groups if plan is not None else (GroupPlan(0, self.config.num_layers),)
+        for group in groups:
+            h = self._run_group(h, group, plan, cos, sin, layer_keys, remat_policy)
         return self.final_norm(h)
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
@@ -224,5 +290,7 @@ class Llama(nnx.Module):
         positions: Int[Array, "B T"] | None = None,
         *,
         dropout_key: jax.Array | None = None,
+        plan: EliminationPlan | None = None,
     ) -> Float[Array, "B T V"]:
-        return self.logits(self.hidden_states(input_ids, positions, dropout_key=dropout_key))
+        hidden = self.hidden_states(input_ids, positions, dropout_key=dropout_key, plan=plan)
+        return self.logits(hidden)

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from lemo_jax.configs.run import RunConfig
 from lemo_jax.data.pipeline import ShuffledSampler, TokenWindows, prepare_data
 from lemo_jax.io.checkpoint import RunCheckpoints
+from lemo_jax.lemo.budgets import LayerBudgets, elimination_plan, layer_budgets
+from lemo_jax.lemo.layer import EliminationPlan
 from lemo_jax.model.lora import trainable_filter
 from lemo_jax.train.observe import MetricsLog, compiled_memory_gib, peak_device_memory_gib
 from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -72,9 +74,23 @@ class _Session:
     validation_windows: TokenWindows
     checkpoints: RunCheckpoints
     show_progress: bool
+    plan: EliminationPlan | None
+    budgets: LayerBudgets | None
 
     def __post_init__(self):
         self.eval_step = make_eval_step(self.graphdef, self.config.train)
+        self.kept_fraction = 1.0 if self.budgets is None else self.budgets.kept_fraction()[1]
+
+    def log_budgets(self, log: MetricsLog, step: int) -> None:
+        """One record with the kept fraction of every layer (attention and MLP)."""
+        if self.budgets is not None:
+            log.write(
+                dict(
+                    step=step,
+                    attention_kept_per_layer=self.budgets.kept_fraction()[0],
+                    mlp_kept_per_layer=self.budgets.kept_fraction("mlp")[0],
+                )
+            )
 
     def validation_loss(self, state: TrainState) -> float:
         train = self.config.train
@@ -86,7 +102,12 @@ class _Session:
         train = self.config.train
         use_dropout = train.method == "lora" and self.config.lora.dropout > 0
         step = make_train_step(
-            self.graphdef, self.optimizer, self.schedule, train, use_dropout=use_dropout
+            self.graphdef,
+            self.optimizer,
+            self.schedule,
+            train,
+            use_dropout=use_dropout,
+            plan=self.plan,
         )
         shape = (train.grad_accum, train.batch_size, train.seq_len)
         return step.lower(state, jax.ShapeDtypeStruct(shape, jnp.int32)).compile()
@@ -96,6 +117,7 @@ class _Session:
     ) -> tuple[TrainState, dict]:
         config, train = self.config, self.config.train
         compiled = self.compile_step(state)
+        self.log_budgets(log, int(state.step))
         estimate = compiled_memory_gib(compiled)
         sampler = ShuffledSampler(len(self.train_windows), train.seed)
         per_step = train.grad_accum * train.batch_size
@@ -124,6 +146,7 @@ class _Session:
                 last_time, last_step = now, step
                 peak = peak_device_memory_gib()
                 metrics["memory_gib"] = peak if peak is not None else estimate
+                metrics["kept_fraction"] = self.kept_fraction
                 log.write(dict(step=step, **metrics))
                 progress.set_postfix(_postfix(metrics, peak is not None), refresh=False)
             if train.eval_every and step % train.eval_every == 0 and not is_last:
@@ -147,10 +170,11 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
         config.data, tokenizer, train.seq_len, show_progress=show_progress
     )
     write_run_config(directory, config)
-    optimizer = make_optimizer(train)
+    optimizer, num_layers = make_optimizer(train), model.config.num_layers
     graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
     del model  # the state holds the arrays
     checkpoints = RunCheckpoints(directory / "checkpoints", keep=config.checkpoint.keep)
+    plan, budgets = _elimination(config, num_layers, train.seq_len)
     session = _Session(
         config,
         graphdef,
@@ -160,6 +184,8 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
         validation_windows,
         checkpoints,
         show_progress,
+        plan,
+        budgets,
     )
     record = {"data_position": 0}
     restored = checkpoints.restore_latest(_saved_tree(state))
@@ -192,9 +218,19 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
     return result
 
 
+def _elimination(config: RunConfig, num_layers: int, seq_len: int):
+    """The static LeMo plan and the per-layer budgets (None, None without LeMo)."""
+    if not config.lemo.enabled:
+        return None, None
+    budgets = layer_budgets(config.lemo, num_layers, seq_len)
+    print(f"LeMo: {budgets.summary()}", file=sys.stderr)
+    return elimination_plan(config.lemo, num_layers, seq_len), budgets
+
+
 def _postfix(metrics: dict, is_device_peak: bool) -> dict:
     memory = f"{metrics['memory_gib']:.1f}G" + ("" if is_device_peak else " (est.)")
     return {
+        "kept": f"{metrics['kept_fraction']:.2f}",
         "loss": f"{metrics['loss']:.4f}",
         "tok/s": f"{metrics['tokens_per_s']:,.0f}",
         "lr": f"{metrics['learning_rate']:.2e}",

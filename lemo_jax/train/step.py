@@ -17,6 +17,7 @@ import optax
 from flax import nnx, struct
 
 from lemo_jax.configs.run import TrainSection
+from lemo_jax.lemo.layer import EliminationPlan
 from lemo_jax.model.llama import Llama
 from lemo_jax.model.loss import chunked_cross_entropy, next_token_targets
 
@@ -37,9 +38,12 @@ def sequence_loss_sum(
     dropout_key: jax.Array | None,
     remat_policy: str,
     loss_chunk_size: int,
+    plan: EliminationPlan | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of next-token NLLs, number of predicted tokens) for int32 [B, T] sequences."""
-    hidden = model.hidden_states(token_ids, dropout_key=dropout_key, remat_policy=remat_policy)
+    hidden = model.hidden_states(
+        token_ids, dropout_key=dropout_key, remat_policy=remat_policy, plan=plan
+    )
     targets, weights = next_token_targets(token_ids)
     if loss_chunk_size:
         return chunked_cross_entropy(
@@ -57,8 +61,10 @@ def make_train_step(
     train: TrainSection,
     *,
     use_dropout: bool,
+    plan: EliminationPlan | None = None,
 ):
-    """A jitted `train_step(state, batch)` with the state donated."""
+    """A jitted `train_step(state, batch)` with the state donated; `plan` (static) selects LeMo
+    token elimination per layer group."""
 
     def loss_sum(trainable, frozen, token_ids, key):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -68,6 +74,7 @@ def make_train_step(
             dropout_key=key if use_dropout else None,
             remat_policy=train.remat,
             loss_chunk_size=train.loss_chunk_size,
+            plan=plan,
         )
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)

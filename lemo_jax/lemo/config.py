@@ -1,0 +1,112 @@
+"""`LemoConfig`, the `lemo` section of a run: where and how much LeMo eliminates tokens.
+
+A schedule names one keep ratio per layer (the fraction of 64-token blocks a layer keeps):
+
+- `paper_e2e`: the rule of the paper's end-to-end runs (section 2): for 32 layers, layers 0..14
+  and 31 keep everything and layers 15..30 keep 40%; other depths keep the proportions.
+- `paper_table`: the paper's measured per-layer table (attention or MLP, section 2), stretched
+  to the model's depth by linear interpolation over relative depth.
+- `uniform:RATIO`: every layer keeps RATIO, 0 < RATIO <= 1 (`uniform:1` eliminates nothing).
+- `file:PATH`: ratios from a JSON file written by calibration; format in `lemo/budgets.py`.
+
+`lemo_jax.lemo.budgets` turns a schedule into static per-layer block budgets (paper section 7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SCHEDULE_FORMS = ("paper_e2e", "paper_table", "uniform:RATIO", "file:PATH")
+MLP_MODES = ("dense", "token_sparse")
+SCORERS = ("oracle",)
+# Scorers the design names but that are not built yet, with the reason given to the user.
+_UNAVAILABLE_SCORERS = {
+    "predictor": "learned block-score predictors (paper section 3) are not available yet",
+}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A parsed schedule string: `kind` is paper_e2e, paper_table, uniform (with `ratio`) or
+    file (with `path`)."""
+
+    kind: str
+    ratio: float | None = None
+    path: str | None = None
+
+
+def parse_schedule(text: str, field: str) -> Schedule:
+    """Parses the schedule `text` of field `lemo.<field>`; a malformed one is a ValueError whose
+    one-line message names the field. A file is only named here, and read by the budgets."""
+    where = f"lemo.{field}={text!r}"
+    name, colon, argument = text.partition(":")
+    if not colon and name in ("paper_e2e", "paper_table"):
+        return Schedule(name)
+    if colon and name == "uniform":
+        try:
+            ratio = float(argument)
+        except ValueError:
+            raise ValueError(f"{where}: the ratio must be a number in (0, 1]") from None
+        _check(0 < ratio <= 1, f"{where}: the ratio must be in (0, 1]")  # also rejects nan
+        return Schedule("uniform", ratio=ratio)
+    if colon and name == "file":
+        _check(bool(argument.strip()), f"{where}: the file path is empty")
+        return Schedule("file", path=argument)
+    raise ValueError(f"{where} is not one of {', '.join(SCHEDULE_FORMS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LemoConfig:
+    """LeMo token elimination (paper section 2) with static per-layer budgets (section 7).
+
+    `LemoConfig()` is disabled: the model reads `enabled` and runs dense when it is false. The
+    budget functions describe the schedule whatever `enabled` says.
+    """
+
+    enabled: bool = False
+    # Tokens per block, the unit of scoring and elimination (64 in the paper). A multiple of 16
+    # so kept blocks fill whole tensor-core and Pallas tiles.
+    block_size: int = 64
+    schedule: str = "paper_e2e"  # attention keep ratios, see the module docstring
+    # "dense": every token goes through every MLP, as in the paper's artifact. "token_sparse":
+    # the MLP also drops tokens (paper section 2), with budgets from `mlp_schedule`, where
+    # `paper_table` means the paper's MLP table.
+    mlp: str = "dense"
+    mlp_schedule: str = "paper_table"
+    # Budgets are rounded up to a multiple of this many blocks, so a deep model compiles few
+    # distinct shapes and the kept length R stays tile-aligned.
+    bucket_blocks: int = 4
+    # How blocks are scored: "oracle" computes the exact attention block scores (paper eq. 1-2).
+    scorer: str = "oracle"
+    # The first blocks are always kept, in attention and in a token-sparse MLP: the first tokens
+    # are attention sinks that take a large share of every later query's attention whatever
+    # their content (Xiao et al. 2023), so dropping them would re-normalise all kept queries.
+    # The causal oracle already favours block 0 (every query block scores it), so forcing it
+    # rarely changes a selection, but it makes it certain. No budget falls below this.
+    keep_first_blocks: int = 1
+
+    def __post_init__(self):
+        _check(
+            self.block_size > 0 and self.block_size % 16 == 0,
+            f"lemo.block_size={self.block_size} must be a positive multiple of 16",
+        )
+        parse_schedule(self.schedule, "schedule")
+        _check(self.mlp in MLP_MODES, f"lemo.mlp={self.mlp!r} is not one of {MLP_MODES}")
+        # Checked even while the MLP is dense, so a typo fails where it is written.
+        parse_schedule(self.mlp_schedule, "mlp_schedule")
+        _check(
+            self.bucket_blocks >= 1, f"lemo.bucket_blocks={self.bucket_blocks} must be at least 1"
+        )
+        if self.scorer in _UNAVAILABLE_SCORERS:
+            reason = _UNAVAILABLE_SCORERS[self.scorer]
+            raise ValueError(f"lemo.scorer={self.scorer!r}: {reason}; use 'oracle'")
+        _check(self.scorer in SCORERS, f"lemo.scorer={self.scorer!r} is not one of {SCORERS}")
+        _check(
+            self.keep_first_blocks >= 0,
+            f"lemo.keep_first_blocks={self.keep_first_blocks} must be >= 0",
+        )

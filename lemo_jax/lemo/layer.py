@@ -1,0 +1,106 @@
+"""Token elimination inside one decoder layer (paper sections 4.2 and 4.4).
+
+An eliminated attention block: score key blocks (stop-gradient), keep the top `budget` blocks in
+their original order, gather only those rows of the residual stream and normalise them
+("selective load"), run q/k/v, RoPE at the original positions, causal attention over the
+compacted sequence and o_proj on the R kept tokens, and add the result back into the residual at
+the kept rows. Eliminated tokens pass through unchanged and are neither queries nor keys/values
+in that layer. A token-sparse MLP does the same with per-token scores.
+
+Only compacted [B, R, ...] tensors and int32 indices depend on the budget; the selection itself is
+computed outside the layer's remat region, so the backward pass neither stores nor recomputes
+the full-length scoring tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import block_scores
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+    """Consecutive layers [start, stop) sharing static budgets; None means dense."""
+
+    start: int
+    stop: int
+    attention_blocks: int | None = None
+    mlp_blocks: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EliminationPlan:
+    """Static (hashable) description of which layers eliminate how many 64-token blocks."""
+
+    block_size: int
+    groups: tuple[GroupPlan, ...]
+    keep_first_blocks: int = 1
+
+
+def gather_rows(
+    x: Float[Array, "B T ..."], token_ids: Int[Array, "B R"]
+) -> Float[Array, "B R ..."]:
+    index = token_ids.reshape(*token_ids.shape, *([1] * (x.ndim - 2)))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def scatter_add_rows(
+    h: Float[Array, "B T D"], token_ids: Int[Array, "B R"], rows: Float[Array, "B R D"]
+) -> Float[Array, "B T D"]:
+    """h[b, token_ids[b, r]] += rows[b, r]; indices are unique, so the add is exact."""
+    batch = jnp.arange(h.shape[0])[:, None]
+    return h.at[batch, token_ids].add(rows.astype(h.dtype), unique_indices=True)
+
+
+def block_token_ids(block_ids: Int[Array, "B K"], block_size: int) -> Int[Array, "B R"]:
+    """Sorted block ids -> the sorted token ids they cover (R = K * block_size)."""
+    offsets = jnp.arange(block_size, dtype=block_ids.dtype)
+    return (block_ids[..., None] * block_size + offsets).reshape(block_ids.shape[0], -1)
+
+
+def top_blocks(scores: Float[Array, "B M"], num_kept: int, keep_first: int) -> Int[Array, "B K"]:
+    """The `num_kept` highest-scoring blocks in original order; the first `keep_first` blocks
+    always stay (the sequence start acts as an attention sink for every later query)."""
+    forced = jnp.arange(scores.shape[-1]) < keep_first
+    scores = jnp.where(forced, jnp.inf, scores)
+    _, block_ids = jax.lax.top_k(scores, num_kept)
+    return jnp.sort(block_ids, axis=-1).astype(jnp.int32)
+
+
+def attention_token_ids(
+    layer, h: Float[Array, "B T D"], cos, sin, *, num_blocks: int, plan: EliminationPlan
+) -> Int[Array, "B R"]:
+    """Oracle selection (paper eq. 2) from the layer's own LoRA-adapted queries and keys."""
+    x = layer.attention_norm(jax.lax.stop_gradient(h))
+    query, key = layer.attention.rotated_query_key(x, cos, sin)
+    scores = block_scores(query, key, block_size=plan.block_size, causal=True)  # [B, M]
+    block_ids = top_blocks(scores, num_blocks, plan.keep_first_blocks)
+    return jax.lax.stop_gradient(block_token_ids(block_ids, plan.block_size))
+
+
+def eliminated_attention(
+    layer, h: Float[Array, "B T D"], token_ids: Int[Array, "B R"], cos, sin, keys
+) -> Float[Array, "B T D"]:
+    """h + attention over the kept tokens only, added back at their rows."""
+    x = layer.attention_norm(gather_rows(h, token_ids))  # selective load: norm kept rows only
+    out = layer.attention(x, gather_rows(cos, token_ids), gather_rows(sin, token_ids), keys)
+    return scatter_add_rows(h, token_ids, out)
+
+
+def token_sparse_mlp(
+    layer, h: Float[Array, "B T D"], num_tokens: int, keys
+) -> Float[Array, "B T D"]:
+    """h + MLP over the `num_tokens` tokens with the largest intermediate activation
+    ||silu(gate(x)) * up(x)|| (the paper's MLP criterion), added back at their rows."""
+    x = layer.mlp_norm(jax.lax.stop_gradient(h))
+    intermediate = jax.nn.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)  # [B, T, F]
+    magnitude = jnp.sum(jnp.square(intermediate.astype(jnp.float32)), axis=-1)
+    _, token_ids = jax.lax.top_k(jax.lax.stop_gradient(magnitude), num_tokens)
+    token_ids = jnp.sort(token_ids, axis=-1).astype(jnp.int32)
+    out = layer.mlp(layer.mlp_norm(gather_rows(h, token_ids)), keys)
+    return scatter_add_rows(h, token_ids, out)
