@@ -240,3 +240,21 @@ def test_config_errors(fields, message):
     with pytest.raises(ValueError, match=message) as error:
         LemoConfig(**fields)
     assert "\n" not in str(error.value)
+
+
+def test_elimination_plan_has_no_single_layer_groups():
+    from lemo_jax.lemo.budgets import elimination_plan
+
+    e2e = elimination_plan(LemoConfig(enabled=True, schedule="paper_e2e"), 32, 65536)
+    spans = [(g.start, g.stop, g.attention_blocks) for g in e2e.groups]
+    assert spans == [(0, 15, None), (15, 30, 412), (30, 32, None)]  # layer 30 rounded up to dense
+    table = elimination_plan(
+        LemoConfig(enabled=True, schedule="paper_table", mlp="token_sparse"), 32, 65536
+    )
+    assert all(g.stop - g.start >= 2 for g in table.groups)
+    budgets = layer_budgets(LemoConfig(enabled=True, schedule="paper_table"), 32, 65536)
+    for group in table.groups:  # merged budgets never keep fewer blocks than the layer's own
+        for layer in range(group.start, group.stop):
+            own = budgets.attention_blocks[layer]
+            assert group.attention_blocks is None or group.attention_blocks >= own
+    assert elimination_plan(LemoConfig(enabled=False), 32, 65536) is None

@@ -18,7 +18,7 @@ from lemo_jax.train.step import init_state, make_train_step, sequence_loss_sum
 
 CONFIG = dataclasses.replace(
     get_model_config("tiny"),
-    num_layers=8,
+    num_layers=16,
     model_dim=128,
     num_heads=4,
     num_kv_heads=2,

@@ -246,7 +246,7 @@ class Llama(nnx.Module):
                 h, cos, sin, key, attention_token_ids=token_ids, mlp_tokens=mlp_tokens
             )
 
-        update = remat(update, remat_policy)
+        update = remat(update, remat_policy, scan_length=group.stop - group.start)
 
         def body(h, xs):
             index, key = xs

@@ -29,13 +29,20 @@ _POLICIES = {
 REMAT_POLICIES = ("none", *_POLICIES)
 
 
-def remat(function: Callable, policy: str) -> Callable:
-    """`function` wrapped in `jax.checkpoint` with the named policy (`none`: unchanged)."""
+def remat(function: Callable, policy: str, *, scan_length: int) -> Callable:
+    """`function` wrapped in `jax.checkpoint` with the named policy (`none`: unchanged).
+
+    `scan_length` is the trip count of the `lax.scan` whose body this is. A loop already keeps
+    XLA from merging the backward pass's recomputation with the forward pass (CSE), so the
+    barrier is dropped there; but XLA inlines a loop of one trip, and without the barrier the
+    recomputation would be merged away and every activation kept (measured: 8 one-layer groups
+    used 5.9x the memory of one 8-layer group).
+    """
     if policy == "none":
         return function
     if policy not in _POLICIES:
         raise ValueError(f"unknown remat policy {policy!r}; choose from {REMAT_POLICIES}")
-    return jax.checkpoint(function, policy=_POLICIES[policy], prevent_cse=False)
+    return jax.checkpoint(function, policy=_POLICIES[policy], prevent_cse=scan_length == 1)
 
 
 __all__ = ["ATTENTION_NAMES", "REMAT_POLICIES", "checkpoint_name", "remat"]

@@ -52,42 +52,46 @@ def _scaled_rope(base: ModelConfig, section: ModelSection) -> tuple[RopeConfig, 
     return rope, int(base.max_position_embeddings * section.rope_factor)
 
 
-def build_model(
-    section: ModelSection, lora: LoraConfig | None, *, seq_len: int, seed: int
-) -> tuple[Llama, object]:
-    """The model to fine-tune (LoRA adapters fresh) and its tokenizer."""
-    compute_dtype = resolve_compute_dtype(section)
-    if section.init == "pretrained":
-        if section.path is None:
-            raise UserError(
-                "no model weights given: --set model.path=DIR (a Hugging Face "
-                "directory or .gguf file) or --set model.init=random"
-            )
-        base = pretrained_config(section.path)
-        rope, context = _scaled_rope(base, section)
-        model = load_pretrained(
-            section.path,
-            dtype=section.param_dtype,
-            compute_dtype=compute_dtype,
-            lora=lora,
-            rope=rope,
-            attention_backend=section.attention_backend,
-            max_position_embeddings=max(context, seq_len),
-            seed=seed,
+def model_config_for(section: ModelSection, *, seq_len: int) -> ModelConfig:
+    """The architecture a run trains (the checkpoint's or the preset's), with the run's dtypes,
+    attention backend and RoPE scaling; reads no weights."""
+    if section.init == "pretrained" and section.path is None:
+        raise UserError(
+            "no model weights given: --set model.path=DIR (a Hugging Face "
+            "directory or .gguf file) or --set model.init=random"
         )
-        return model, load_tokenizer(section.path)
-    if section.preset is None:
+    if section.init == "random" and section.preset is None:
         raise UserError("model.init=random needs model.preset (a model shape such as llama2_7b)")
-    base = get_model_config(section.preset)
+    pretrained = section.init == "pretrained"
+    base = pretrained_config(section.path) if pretrained else get_model_config(section.preset)
     rope, context = _scaled_rope(base, section)
-    config = dataclasses.replace(
+    return dataclasses.replace(
         base,
         param_dtype=section.param_dtype,
-        compute_dtype=compute_dtype,
+        compute_dtype=resolve_compute_dtype(section),
         rope=rope,
         attention_backend=section.attention_backend,
         max_position_embeddings=max(context, seq_len),
     )
+
+
+def build_model(
+    section: ModelSection, lora: LoraConfig | None, *, seq_len: int, seed: int
+) -> tuple[Llama, object]:
+    """The model to fine-tune (LoRA adapters fresh) and its tokenizer."""
+    config = model_config_for(section, seq_len=seq_len)
+    if section.init == "pretrained":
+        model = load_pretrained(
+            section.path,
+            dtype=config.param_dtype,
+            compute_dtype=config.compute_dtype,
+            lora=lora,
+            rope=config.rope,
+            attention_backend=config.attention_backend,
+            max_position_embeddings=config.max_position_embeddings,
+            seed=seed,
+        )
+        return model, load_tokenizer(section.path)
     model = Llama(config, lora=lora, rngs=nnx.Rngs(seed))
     tokenizer = load_tokenizer(section.path) if section.path else _byte_tokenizer()
     if len(tokenizer) > config.vocab_size:

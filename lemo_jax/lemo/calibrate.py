@@ -1,0 +1,126 @@
+"""Calibrated per-layer keep ratios: measure how many blocks each layer of a frozen model needs.
+
+The paper tunes one threshold per layer (section 2, Algorithm 1); its artifact and our budgets
+use static per-layer keep ratios instead. Calibration derives those ratios from the paper's
+analysis definition: a block is uninformative when its score is under `tau` (10%) of the layer's
+maximum, outliers excluded.
+
+    scores = layer_block_scores(model, token_ids, block_size=64)   # float32 [L, B, M]
+    ratios = calibrated_keep_ratios(scores, tau=0.1)               # L floats in (0, 1]
+    write_schedule_file(path, attention=ratios, source={...})      # lemo.schedule=file:PATH
+
+Scores are the exact oracle scores (paper eq. 2, causal) that training's block selection ranks,
+computed from each layer's input in the dense model, so no elimination upstream changes them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from lemo_jax.model.llama import Llama, matmul_precision
+from lemo_jax.model.rope import rotary_angles
+from pallas_kernels import block_scores
+
+
+def layer_block_scores(
+    model: Llama, token_ids: Int[Array, "B T"], *, block_size: int = 64
+) -> Float[Array, "L B M"]:
+    """Key-block scores of every layer of the dense `model`, M = ceil(T / block_size).
+
+    Layer l's scores come from its own normalised input `attention_norm(h_l)`, through its
+    RoPE'd queries and keys, exactly as training's oracle selection reads them. Forward only:
+    nothing is differentiated and `block_scores` stops gradients anyway.
+    """
+    token_ids = jnp.asarray(token_ids, jnp.int32)
+    if token_ids.ndim != 2:
+        raise ValueError(f"token_ids must be [B, T]; got {token_ids.shape=}")
+    with matmul_precision(model.config.compute_jnp_dtype):
+        return _layer_block_scores(model, token_ids, block_size)
+
+
+@nnx.jit(static_argnames=("block_size",))
+def _layer_block_scores(model: Llama, token_ids, block_size: int):
+    B, T = token_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    cos, sin = rotary_angles(model.config.rope, model.config.head_dim, positions)
+    graphdef, layer_state = nnx.split(model.layers)
+
+    def body(h, index):
+        # One layer out of the [L] stack by index, as `Llama._run_group` takes it.
+        state = jax.tree.map(
+            lambda p: jax.lax.dynamic_index_in_dim(p, index, 0, False), layer_state
+        )
+        layer = nnx.merge(graphdef, state)
+        query, key = layer.attention.rotated_query_key(layer.attention_norm(h), cos, sin)
+        scores = block_scores(query, key, block_size=block_size, causal=True)  # [B, M]
+        return layer(h, cos, sin, None), scores  # no dropout key: the frozen model, no dropout
+
+    h = model.embedding(token_ids)  # [B, T, D]
+    _, scores = jax.lax.scan(body, h, jnp.arange(model.config.num_layers))
+    return scores  # [L, B, M]
+
+
+def _reference_maximum(scores: np.ndarray, outlier_quantile: float) -> np.ndarray:
+    """[L, B, M] -> [L, B, 1]: the layer's maximum block score per example, outliers excluded.
+
+    The maximum is the `outlier_quantile` quantile of the M scores, taken as an actual score
+    (numpy's "lower" method, the floor(q * (M - 1))-th smallest), so the top
+    M - 1 - floor(q * (M - 1)) blocks count as outliers: at least one whenever M >= 2 and q < 1,
+    and about 1% of them for long sequences at q = 0.99. Always excluding the top block matters
+    under causal scoring: key block n is summed over the M - n query blocks that can see it, and
+    block 0 is also the attention sink (every query attends to it whatever its content), so the
+    first block routinely scores far above all others. Measured against it, most blocks would
+    look uninformative for positional reasons, not for their content. The raw causal sums are
+    kept (not divided by M - n) because they are exactly what training's top-k ranks: with
+    these counts as budgets, top-k keeps the blocks this criterion calls informative. The cost:
+    the last blocks are seen by few queries, so even content-free scores (a random model) fail
+    the threshold there and calibrate to about 1 - tau, not 1 (0.91-0.92 at 32 blocks).
+    """
+    return np.quantile(scores, outlier_quantile, axis=-1, method="lower", keepdims=True)
+
+
+def calibrated_keep_ratios(
+    scores: Float[Array, "L B M"] | np.ndarray,
+    *,
+    tau: float = 0.1,
+    outlier_quantile: float = 0.99,
+    min_ratio: float = 0.0,
+    use_dense_end_layers: bool = True,
+) -> list[float]:
+    """Per-layer keep ratios from block scores of sample sequences (paper section 2).
+
+    Per layer and example, a block is informative when its score >= tau * the maximum with
+    outliers excluded (`_reference_maximum`); the layer's ratio is the mean informative fraction
+    over the examples, raised to `min_ratio` if below. It is never 0: the reference block itself
+    passes (tau <= 1), and an all-zero layer keeps everything.
+
+    With `use_dense_end_layers`, the first and last layers keep 1.0 whatever they measure, as in
+    the paper's end-to-end rule (every reported run): layer 0 scores raw token embeddings, before
+    any context has been mixed in, so its scores say little about which tokens later matter; and
+    a token the last layer drops reaches the LM head without its final attention update, so the
+    loss sees the error directly, with no later layer to correct it. The rule's dense prefix
+    (layers 0..14 of 32) is not imposed: calibration measures those layers instead, as the
+    paper's per-layer table does.
+    """
+    scores = np.asarray(scores, dtype=np.float64)  # float32 scores compare exactly in float64
+    if scores.ndim != 3 or 0 in scores.shape:
+        raise ValueError(f"scores must be a non-empty [L, B, M] array; got {scores.shape=}")
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1]; got {tau=}")
+    if not 0 <= outlier_quantile <= 1:
+        raise ValueError(f"outlier_quantile must be in [0, 1]; got {outlier_quantile=}")
+    if not 0 <= min_ratio <= 1:
+        raise ValueError(f"min_ratio must be in [0, 1]; got {min_ratio=}")
+    if not np.all(np.isfinite(scores)) or np.any(scores < 0):
+        raise ValueError("block scores must be finite and non-negative (relu'd logit sums)")
+    maximum = _reference_maximum(scores, outlier_quantile)  # [L, B, 1]
+    informative = scores >= tau * maximum  # [L, B, M]
+    ratios = informative.mean(axis=(1, 2))  # equal M per example: mean of per-example fractions
+    ratios = np.clip(ratios, min_ratio, 1.0)
+    if use_dense_end_layers:
+        ratios[[0, -1]] = 1.0
+    return [float(ratio) for ratio in ratios]

@@ -1,0 +1,146 @@
+"""Calibrate per-layer LeMo keep ratios on validation windows and write a schedule file.
+
+    python scripts/calibrate_budgets.py --config smollm2_demo --out budgets.json
+    python scripts/calibrate_budgets.py --config llama_64k --set model.path=/models/Llama-2-7b-hf \\
+        --set train.seq_len=16384 --samples 4 --out llama2_16k.json
+    python scripts/finetune.py --config llama_64k --set lemo.schedule=file:llama2_16k.json
+
+The frozen model (no LoRA) scores each layer's 64-token blocks (paper eq. 2); a block counts as
+informative when its score is at least tau times the layer's maximum, outliers excluded (paper
+section 2), and each layer keeps the mean informative fraction over the samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lemo_jax.configs.overrides import apply_overrides
+from lemo_jax.configs.run import RunConfig
+from lemo_jax.configs.runs import get_run_config
+from lemo_jax.data.pipeline import prepare_data
+from lemo_jax.errors import UserError, run_cli
+from lemo_jax.lemo.budgets import layer_budgets, write_schedule_file
+from lemo_jax.lemo.calibrate import calibrated_keep_ratios, layer_block_scores
+from lemo_jax.lemo.config import LemoConfig
+from lemo_jax.train.setup import build_model
+
+OUTLIER_QUANTILE = 0.99
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.strip().splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.strip().splitlines()[1:]),
+    )
+    parser.add_argument("--config", required=True, help="a named run configuration")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a config field, e.g. --set train.seq_len=8192 (repeatable)",
+    )
+    parser.add_argument("--samples", type=int, default=8, help="validation windows (default 8)")
+    parser.add_argument("--tau", type=float, default=0.1, help="threshold fraction (default 0.1)")
+    parser.add_argument(
+        "--sparse-end-layers",
+        action="store_true",
+        help="use the measured ratios for the first and last layers too (default: keep them dense)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="schedule file to write (new)")
+    args = parser.parse_args(argv)
+    if args.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {args.samples}")
+    if not 0 < args.tau <= 1:
+        raise UserError(f"--tau must be in (0, 1], got {args.tau}")
+    _check_new_file(args.out)
+    return args
+
+
+def _check_new_file(path: Path) -> None:
+    if path.expanduser().exists():
+        raise UserError(f"--out {path} already exists; choose another file or remove it")
+
+
+def sample_windows(config: RunConfig, tokenizer, samples: int) -> tuple[np.ndarray, list[int]]:
+    """int32 [K, T] validation windows spread evenly over the split (neighbouring windows often
+    come from one document), and their indices."""
+    _, validation = prepare_data(config.data, tokenizer, config.train.seq_len)
+    count = min(samples, len(validation))
+    if count < samples:
+        print(f"validation has only {count} windows; using them all", file=sys.stderr)
+    indices = [index * len(validation) // count for index in range(count)]
+    return validation.batch(indices), indices
+
+
+def print_table(ratios: list[float], out: Path, config: RunConfig) -> None:
+    lemo = LemoConfig(
+        enabled=True,
+        schedule=f"file:{out}",
+        block_size=config.lemo.block_size,
+        bucket_blocks=config.lemo.bucket_blocks,
+    )
+    budgets = layer_budgets(lemo, len(ratios), config.train.seq_len)
+    print(f"layer  keep ratio  budget (blocks of {lemo.block_size})")
+    for layer, (ratio, blocks) in enumerate(zip(ratios, budgets.attention_blocks, strict=True)):
+        print(f"{layer:5d}  {ratio:10.3f}  {blocks:6d} / {budgets.num_blocks}")
+    print(budgets.summary())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = apply_overrides(get_run_config(args.config), args.overrides)
+    seq_len, block_size = config.train.seq_len, config.lemo.block_size
+    if seq_len % block_size:  # fail before loading anything
+        raise UserError(
+            f"train.seq_len={seq_len} is not a multiple of lemo.block_size={block_size}"
+        )
+    print(
+        f"{config.name}: calibrating on {jax.device_count()} x {jax.devices()[0].device_kind}",
+        file=sys.stderr,
+    )
+    model, tokenizer = build_model(config.model, None, seq_len=seq_len, seed=config.train.seed)
+    windows, indices = sample_windows(config, tokenizer, args.samples)
+    # One window at a time: memory of a single long sequence, one compiled shape.
+    scores = np.concatenate(
+        [layer_block_scores(model, window[None], block_size=block_size) for window in windows],
+        axis=1,
+    )  # [L, K, M]
+    ratios = calibrated_keep_ratios(
+        scores,
+        tau=args.tau,
+        outlier_quantile=OUTLIER_QUANTILE,
+        use_dense_end_layers=not args.sparse_end_layers,
+    )
+    _check_new_file(args.out)  # again: never overwrite a file created meanwhile
+    source = dict(
+        method="lemo_jax.lemo.calibrate",
+        config=config.name,
+        overrides=list(args.overrides),
+        model=config.model.path or f"random {config.model.preset}",
+        data=config.data.train,
+        validation_windows=indices,
+        samples=len(indices),
+        seq_len=seq_len,
+        block_size=block_size,
+        tau=args.tau,
+        outlier_quantile=OUTLIER_QUANTILE,
+        dense_end_layers=not args.sparse_end_layers,
+    )
+    write_schedule_file(str(args.out), attention=ratios, source=source)
+    print_table(ratios, args.out, config)
+    print(f"wrote {args.out}: use --set lemo.schedule=file:{args.out}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    run_cli(main)
