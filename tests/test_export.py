@@ -236,3 +236,17 @@ def test_unknown_dtype_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="float64"):
         export_hf(model, tmp_path / "out", dtype="float64")
     assert not (tmp_path / "out").exists()
+
+
+def test_exported_files_follow_the_umask(tmp_path):
+    import os
+
+    from lemo_jax.io.export import atomic_directory
+
+    with atomic_directory(tmp_path / "out") as staging:
+        private = staging / "weights.bin"
+        private.write_bytes(b"x")
+        private.chmod(0o600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert ((tmp_path / "out" / "weights.bin").stat().st_mode & 0o777) == 0o666 & ~umask

@@ -191,10 +191,21 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
         yield staging
         if out_dir.exists():  # created by someone else while we were writing
             raise UserError(f"{out_dir} appeared during the export; not overwriting it")
+        _apply_umask(staging)
         os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _apply_umask(directory: Path) -> None:
+    """Gives written files the usual permissions: some writers create them through private
+    temporary files (mode 0600), which would leave an export unreadable to other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
