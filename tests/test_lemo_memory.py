@@ -30,7 +30,7 @@ LORA = LoraConfig(rank=4)
 LENGTH = 4096
 
 
-def compiled_temp_mib(plan) -> float:
+def compiled_temp_mib(plan, remat: str = "none") -> float:
     model = nnx.eval_shape(lambda: Llama(CONFIG, lora=LORA, rngs=nnx.Rngs(0)))
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(LORA), ...)
 
@@ -39,7 +39,7 @@ def compiled_temp_mib(plan) -> float:
             nnx.merge(graphdef, trainable, frozen),
             token_ids,
             dropout_key=None,
-            remat_policy="none",
+            remat_policy=remat,
             loss_chunk_size=1024,
             plan=plan,
         )
@@ -95,3 +95,14 @@ def test_one_compilation_for_all_training_steps():
         state, metrics = step(state, batch)
         assert jnp.isfinite(metrics["loss"])
     assert step._cache_size() == 1
+
+
+def test_pruned_layers_can_keep_their_compacted_activations():
+    """`lemo.pruned_remat=none` stores pruned layers' activations while dense layers still
+    recompute: more memory than full remat everywhere, less than no remat anywhere."""
+    plan = plan_for("uniform:0.5")
+    keep_pruned = dataclasses.replace(plan, pruned_remat="none")
+    full = compiled_temp_mib(plan, remat="full")
+    mixed = compiled_temp_mib(keep_pruned, remat="full")
+    nothing = compiled_temp_mib(plan, remat="none")
+    assert full < mixed <= nothing

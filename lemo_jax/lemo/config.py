@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from lemo_jax.model.remat import REMAT_POLICIES
+
 SCHEDULE_FORMS = ("paper_e2e", "paper_table", "uniform:RATIO", "file:PATH")
 MLP_MODES = ("dense", "token_sparse")
 SCORERS = ("oracle",)
@@ -83,12 +85,17 @@ class LemoConfig:
     bucket_blocks: int = 4
     # How blocks are scored: "oracle" computes the exact attention block scores (paper eq. 1-2).
     scorer: str = "oracle"
-    # The first blocks are always kept, in attention and in a token-sparse MLP: the first tokens
+    # The first blocks are always kept in attention (a token-sparse MLP selects single tokens
+    # by their own activation and forces none): the first tokens
     # are attention sinks that take a large share of every later query's attention whatever
     # their content (Xiao et al. 2023), so dropping them would re-normalise all kept queries.
     # The causal oracle already favours block 0 (every query block scores it), so forcing it
     # rarely changes a selection, but it makes it certain. No budget falls below this.
     keep_first_blocks: int = 1
+    # Remat policy of layers that eliminate tokens; "same" follows train.remat. "none" keeps
+    # their compacted [B, R, ...] activations instead of recomputing them (the paper's point:
+    # the kept activations are small), while dense layers still follow train.remat.
+    pruned_remat: str = "same"
 
     def __post_init__(self):
         _check(
@@ -106,6 +113,10 @@ class LemoConfig:
             reason = _UNAVAILABLE_SCORERS[self.scorer]
             raise ValueError(f"lemo.scorer={self.scorer!r}: {reason}; use 'oracle'")
         _check(self.scorer in SCORERS, f"lemo.scorer={self.scorer!r} is not one of {SCORERS}")
+        _check(
+            self.pruned_remat == "same" or self.pruned_remat in REMAT_POLICIES,
+            f"lemo.pruned_remat={self.pruned_remat!r} is not 'same' or one of {REMAT_POLICIES}",
+        )
         _check(
             self.keep_first_blocks >= 0,
             f"lemo.keep_first_blocks={self.keep_first_blocks} must be >= 0",

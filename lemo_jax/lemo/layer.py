@@ -40,6 +40,7 @@ class EliminationPlan:
     block_size: int
     groups: tuple[GroupPlan, ...]
     keep_first_blocks: int = 1
+    pruned_remat: str | None = None  # remat policy of pruned groups; None: the run's policy
 
 
 def gather_rows(

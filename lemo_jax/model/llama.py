@@ -246,6 +246,9 @@ class Llama(nnx.Module):
                 h, cos, sin, key, attention_token_ids=token_ids, mlp_tokens=mlp_tokens
             )
 
+        is_pruned = group.attention_blocks is not None or group.mlp_blocks is not None
+        if is_pruned and plan.pruned_remat is not None:
+            remat_policy = plan.pruned_remat
         update = remat(update, remat_policy, scan_length=group.stop - group.start)
 
         def body(h, xs):
