@@ -10,7 +10,13 @@ from flax import nnx
 from tolerances import TOLERANCES, relative_error
 
 from lemo_jax.configs import LoraConfig, get_model_config
-from lemo_jax.lemo.layer import EliminationPlan, GroupPlan, eliminated_attention, gather_rows
+from lemo_jax.lemo.layer import (
+    EliminationPlan,
+    GroupPlan,
+    attention_token_ids,
+    eliminated_attention,
+    gather_rows,
+)
 from lemo_jax.model import Llama, trainable_filter
 from lemo_jax.model.rope import rotary_angles
 from lemo_jax.train.step import sequence_loss_sum
@@ -116,3 +122,33 @@ def test_hand_written_keep_set_matches_masked_dense_reference():
     changed = h + jnp.where(kept[..., None], 0.0, 1.0)
     out_changed = eliminated_attention(layer, changed, token_ids, cos, sin, keys)
     assert jnp.array_equal(gather_rows(out_changed, token_ids), gather_rows(out, token_ids))
+
+
+def test_mean_score_reduction_divides_by_the_visible_query_blocks():
+    import pallas_kernels
+
+    model = model_with_active_lora()
+    graphdef, state = nnx.split(model.layers)
+    layer = nnx.merge(graphdef, jax.tree.map(lambda p: p[0], state))
+    B, T = 1, 128
+    h = jax.random.normal(jax.random.key(4), (B, T, CONFIG.model_dim))
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    cos, sin = rotary_angles(CONFIG.rope, CONFIG.head_dim, positions)
+    query, key = layer.attention.rotated_query_key(layer.attention_norm(h), cos, sin)
+    scores = pallas_kernels.block_scores(query, key, block_size=BLOCK, causal=True)[0]
+    num_blocks = T // BLOCK
+    mean_scores = scores / (num_blocks - jnp.arange(num_blocks))
+    # Guard: on this input the two reductions select different blocks.
+    assert set(jax.lax.top_k(scores, 3)[1].tolist()) != set(
+        jax.lax.top_k(mean_scores, 3)[1].tolist()
+    )
+    for reduction, expected_scores in [
+        ("sum", scores),
+        ("mean", mean_scores),
+    ]:
+        plan = EliminationPlan(
+            BLOCK, (GroupPlan(0, 1, 3),), keep_first_blocks=0, score_reduction=reduction
+        )
+        token_ids = attention_token_ids(layer, h, cos, sin, num_blocks=3, plan=plan)
+        expected_blocks = jnp.sort(jax.lax.top_k(expected_scores, 3)[1])
+        assert jnp.array_equal(token_ids[0, ::BLOCK] // BLOCK, expected_blocks), reduction

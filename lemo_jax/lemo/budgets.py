@@ -268,6 +268,7 @@ def elimination_plan(config: LemoConfig, num_layers: int, seq_len: int) -> Elimi
         groups=merge_single_layer_groups(plans),
         keep_first_blocks=config.keep_first_blocks,
         pruned_remat=None if config.pruned_remat == "same" else config.pruned_remat,
+        score_reduction=config.score_reduction,
     )
 
 

@@ -96,6 +96,10 @@ class LemoConfig:
     # their compacted [B, R, ...] activations instead of recomputing them (the paper's point:
     # the kept activations are small), while dense layers still follow train.remat.
     pruned_remat: str = "same"
+    # How a key block's tile scores combine over query blocks: "sum" (paper eq. 2) or "mean"
+    # over the query blocks that can see it causally (M - n of them for block n). The causal sum
+    # favours early blocks simply because more queries see them.
+    score_reduction: str = "sum"
 
     def __post_init__(self):
         _check(
@@ -113,6 +117,10 @@ class LemoConfig:
             reason = _UNAVAILABLE_SCORERS[self.scorer]
             raise ValueError(f"lemo.scorer={self.scorer!r}: {reason}; use 'oracle'")
         _check(self.scorer in SCORERS, f"lemo.scorer={self.scorer!r} is not one of {SCORERS}")
+        _check(
+            self.score_reduction in ("sum", "mean"),
+            f"lemo.score_reduction={self.score_reduction!r} is not 'sum' or 'mean'",
+        )
         _check(
             self.pruned_remat == "same" or self.pruned_remat in REMAT_POLICIES,
             f"lemo.pruned_remat={self.pruned_remat!r} is not 'same' or one of {REMAT_POLICIES}",

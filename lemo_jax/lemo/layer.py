@@ -41,6 +41,7 @@ class EliminationPlan:
     groups: tuple[GroupPlan, ...]
     keep_first_blocks: int = 1
     pruned_remat: str | None = None  # remat policy of pruned groups; None: the run's policy
+    score_reduction: str = "sum"  # "sum" (paper eq. 2) or "mean" over causally visible queries
 
 
 def gather_rows(
@@ -80,6 +81,9 @@ def attention_token_ids(
     x = layer.attention_norm(jax.lax.stop_gradient(h))
     query, key = layer.attention.rotated_query_key(x, cos, sin)
     scores = block_scores(query, key, block_size=plan.block_size, causal=True)  # [B, M]
+    if plan.score_reduction == "mean":  # block n is seen by query blocks n .. M-1
+        num_blocks_total = scores.shape[-1]
+        scores = scores / (num_blocks_total - jnp.arange(num_blocks_total, dtype=scores.dtype))
     block_ids = top_blocks(scores, num_blocks, plan.keep_first_blocks)
     return jax.lax.stop_gradient(block_token_ids(block_ids, plan.block_size))
 
