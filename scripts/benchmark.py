@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import jax
 
+from lemo_jax.configs.cli import add_run_config_arguments, run_config_from_args
 from lemo_jax.configs.overrides import apply_overrides
-from lemo_jax.configs.runs import get_run_config
 from lemo_jax.errors import UserError, run_cli
 from lemo_jax.train.memory import compiled_step_memory
 
@@ -37,24 +37,16 @@ def parse_lengths(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--config", required=True, help="a named run configuration")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override a config field (repeatable)",
-    )
     parser.add_argument("--seq-lens", required=True, help="comma-separated, e.g. 4096,8192")
     parser.add_argument("--modes", default="dense,lemo", help="comma-separated: dense, lemo")
     parser.add_argument("--measure", default="compiled-memory", choices=["compiled-memory"])
+    add_run_config_arguments(parser)
     args = parser.parse_args(argv)
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise UserError(f"--modes: unknown {unknown or modes}; choose from {', '.join(MODES)}")
-    base = apply_overrides(get_run_config(args.config), args.overrides)
+    base = run_config_from_args(args)
     for seq_len in parse_lengths(args.seq_lens):
         for mode in modes:
             config = apply_overrides(

@@ -21,9 +21,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lemo_jax.configs.overrides import apply_overrides
+from lemo_jax.configs.cli import add_run_config_arguments, run_config_from_args
 from lemo_jax.configs.run import RunConfig
-from lemo_jax.configs.runs import get_run_config
 from lemo_jax.data.pipeline import prepare_data
 from lemo_jax.errors import UserError, run_cli
 from lemo_jax.lemo.budgets import layer_budgets, write_schedule_file
@@ -40,15 +39,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.strip().splitlines()[1:]),
     )
-    parser.add_argument("--config", required=True, help="a named run configuration")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override a config field, e.g. --set train.seq_len=8192 (repeatable)",
-    )
     parser.add_argument("--samples", type=int, default=8, help="validation windows (default 8)")
     parser.add_argument("--tau", type=float, default=0.1, help="threshold fraction (default 0.1)")
     parser.add_argument(
@@ -57,6 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="use the measured ratios for the first and last layers too (default: keep them dense)",
     )
     parser.add_argument("--out", type=Path, required=True, help="schedule file to write (new)")
+    add_run_config_arguments(parser)
     args = parser.parse_args(argv)
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
@@ -98,7 +89,7 @@ def print_table(ratios: list[float], out: Path, config: RunConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    config = apply_overrides(get_run_config(args.config), args.overrides)
+    config = run_config_from_args(args)
     seq_len, block_size = config.train.seq_len, config.lemo.block_size
     if seq_len % block_size:  # fail before loading anything
         raise UserError(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import jax
 
-from lemo_jax.configs.overrides import apply_overrides
+from lemo_jax.configs.cli import add_run_config_arguments, run_config_from_args
 from lemo_jax.configs.runs import get_run_config, run_names
 from lemo_jax.errors import run_cli
 from lemo_jax.train.loop import run_training
@@ -28,17 +28,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.strip().splitlines()[1:]),
     )
-    parser.add_argument("--config", help="a named run configuration (see --list-configs)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override a config field, e.g. --set train.steps=200 (repeatable)",
-    )
     parser.add_argument("--list-configs", action="store_true", help="list configurations")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_config_arguments(parser, required=False)
     args = parser.parse_args(argv)
     if not args.list_configs and not args.config:
         parser.error("--config is required (see --list-configs)")
@@ -53,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             weights = config.model.path or f"random {config.model.preset}"
             print(f"{name:16s} {config.train.seq_len:>7,} tokens  {weights}")
         return
-    config = apply_overrides(get_run_config(args.config), args.overrides)
+    config = run_config_from_args(args)
     print(
         f"{config.name}: {jax.device_count()} x {jax.devices()[0].device_kind}, "
         f"output in {config.output_dir}",
