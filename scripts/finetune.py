@@ -42,7 +42,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.list_configs:
         for name in run_names():
             config = get_run_config(name)
-            weights = config.model.path or f"random {config.model.preset}"
+            model = config.model
+            if model.path:
+                weights = model.path
+            elif model.init == "random":
+                weights = f"random {model.preset}"
+            else:
+                weights = f"{model.preset} (--set model.path=DIR, or model.init=random)"
             print(f"{name:16s} {config.train.seq_len:>7,} tokens  {weights}")
         return
     config = run_config_from_args(args)
