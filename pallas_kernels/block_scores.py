@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._shapes import check_query_key_shapes
+
 _IMPLS = ("xla", "pallas", "reference")
 
 
@@ -35,18 +37,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _check_shapes(q, k, block_size: int, causal: bool) -> None:
-    if q.ndim != 4 or k.ndim != 4:
-        raise ValueError(
-            f"q and k must be [B, T, N, H] and [B, S, K, H]; got {q.shape=} {k.shape=}"
-        )
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"batch (B) and head dim (H) must match; got {q.shape=} {k.shape=}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(
-            f"query heads N must be a multiple of kv heads K; got {q.shape=} {k.shape=}"
-        )
-    if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"causal block scores need S == T; got {q.shape=} {k.shape=}")
+    check_query_key_shapes(q, k, causal=causal, op="block scores")
     if block_size < 1:
         raise ValueError(f"block_size must be positive; got {block_size=}")
 

@@ -24,6 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._shapes import check_query_key_shapes
+
 # Finite rather than -inf: a block whose scores are all masked then gives exp2(0) = 1 terms that
 # the next block's max rescales to zero, instead of exp2(-inf - -inf) = NaN. The 0.7 leaves
 # headroom so subtracting a row max or log-sum-exp from it cannot overflow.
@@ -298,18 +300,9 @@ _padded_attention.defvjp(_padded_attention_fwd, _padded_attention_bwd)
 
 
 def _check_shapes(q, k, v, causal: bool) -> None:
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, T|S, N|K, H]; got {q.shape=} {k.shape=} {v.shape=}")
-    if k.shape != v.shape:
+    if v.shape != k.shape:
         raise ValueError(f"k and v must have the same shape; got {q.shape=} {k.shape=} {v.shape=}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"batch (B) and head dim (H) must match; got {q.shape=} {k.shape=}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(
-            f"query heads N must be a multiple of kv heads K; got {q.shape=} {k.shape=}"
-        )
-    if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"causal attention needs S == T; got {q.shape=} {k.shape=}")
+    check_query_key_shapes(q, k, causal=causal, op="attention")
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_sizes", "interpret"))

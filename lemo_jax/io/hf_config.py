@@ -12,6 +12,24 @@ from lemo_jax.errors import UserError
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
+# The keys transformers' RoPE validation accepts for each scaling type, beyond type and theta.
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+    "yarn": (
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    ),
+}
+
+
 def _rope_from_hf(hf_config: Any) -> RopeConfig:
     # transformers 5 keeps RoPE settings in `rope_parameters`; older configs use `rope_scaling`
     # plus a top-level `rope_theta`. Read both.
@@ -28,17 +46,8 @@ def _rope_from_hf(hf_config: Any) -> RopeConfig:
         original = hf_config.max_position_embeddings
     optional = {
         key: params[key]
-        for key in (
-            "low_freq_factor",
-            "high_freq_factor",
-            "beta_fast",
-            "beta_slow",
-            "attention_factor",
-            "mscale",
-            "mscale_all_dim",
-            "truncate",
-        )
-        if params.get(key) is not None
+        for key in _ROPE_KEYS[scaling]
+        if key not in ("factor", "original_max_position_embeddings") and params.get(key) is not None
     }
     return RopeConfig(
         theta=float(theta),
@@ -80,24 +89,6 @@ def model_config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
         return ModelConfig(**fields)
     except ValueError as err:
         raise UserError(f"invalid model config: {err}") from None
-
-
-# The keys transformers' RoPE validation accepts for each scaling type, beyond type and theta.
-_ROPE_KEYS = {
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
-    "yarn": (
-        "factor",
-        "original_max_position_embeddings",
-        "beta_fast",
-        "beta_slow",
-        "attention_factor",
-        "mscale",
-        "mscale_all_dim",
-        "truncate",
-    ),
-}
 
 
 def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:

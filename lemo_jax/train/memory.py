@@ -12,6 +12,7 @@ from lemo_jax.configs.run import RunConfig
 from lemo_jax.lemo.budgets import elimination_plan
 from lemo_jax.model.llama import Llama
 from lemo_jax.model.lora import trainable_filter
+from lemo_jax.train.observe import compiled_memory_gib
 from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from lemo_jax.train.setup import model_config_for
 from lemo_jax.train.step import TrainState, make_train_step
@@ -44,18 +45,12 @@ def compiled_step_memory(config: RunConfig) -> dict:
     compiled = step.lower(state, batch).compile()
     seconds = time.perf_counter() - started
     analysis = compiled.memory_analysis()
-    total = (
-        analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        + analysis.temp_size_in_bytes
-        - analysis.alias_size_in_bytes
-    )
     return dict(
         temp_gib=analysis.temp_size_in_bytes / GIB,
         argument_gib=analysis.argument_size_in_bytes / GIB,
         output_gib=analysis.output_size_in_bytes / GIB,
         alias_gib=analysis.alias_size_in_bytes / GIB,
-        total_gib=total / GIB,
+        total_gib=compiled_memory_gib(compiled),
         compile_s=seconds,
         layer_groups=1 if plan is None else len(plan.groups),
     )
