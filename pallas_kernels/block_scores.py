@@ -66,6 +66,8 @@ def _block_scores_xla(q, k, block_size: int, causal: bool) -> jax.Array:
     num_q_blocks = _cdiv(q_len, block_size)
     num_k_blocks = _cdiv(kv_len, block_size)
     scale = 1.0 / math.sqrt(head_dim)
+    is_half = jnp.dtype(q.dtype).itemsize < 4 and jnp.dtype(k.dtype).itemsize < 4
+    precision = lax.Precision.DEFAULT if is_half else lax.Precision.HIGHEST
 
     # Pad T and S to whole blocks with zeros; _valid_pairs masks the padded rows and columns.
     q = jnp.pad(q, ((0, 0), (0, num_q_blocks * block_size - q_len), (0, 0), (0, 0)))
@@ -79,14 +81,15 @@ def _block_scores_xla(q, k, block_size: int, causal: bool) -> jax.Array:
         q_block = lax.dynamic_slice_in_dim(q, start, block_size, axis=1)  # [B, b, N, H]
         # GQA by grouping, never by repeating K: query head n = k * G + g reads kv head k.
         q_block = q_block.reshape(batch, block_size, num_kv_heads, -1, head_dim)  # [B,b,K,G,H]
-        # fp32 accumulation whatever the input dtype (bf16 products are exact in fp32); HIGHEST
-        # keeps fp32 inputs out of TF32 on a GPU. This [B, K, G, b, S_pad] fp32 array is the
+        # fp32 accumulation whatever the input dtype (bf16 products are exact in fp32). HIGHEST
+        # only for fp32 inputs, to keep them out of TF32 on a GPU; bf16 inputs need nothing more
+        # than the default bf16 tensor-core product. This [B, K, G, b, S_pad] fp32 array is the
         # step's memory peak, O(N * b * S) per batch row (XLA:CPU may fuse it into the head sum).
         logits = scale * jnp.einsum(
             "bqkgh,bksh->bkgqs",
             q_block,
             k,
-            precision=lax.Precision.HIGHEST,
+            precision=precision,
             preferred_element_type=jnp.float32,
         )
         head_sums = jnp.sum(jax.nn.relu(logits), axis=(1, 2)) / num_heads  # [B, b, S_pad]

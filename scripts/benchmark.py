@@ -3,15 +3,22 @@
     python scripts/benchmark.py --config llama_64k --set model.init=random \\
         --seq-lens 4096,8192 --modes dense,lemo --measure compiled-memory
 
-`compiled-memory` compiles the training step on abstract shapes (no weights are allocated, so it
-runs on a CPU for any model size) and prints one JSON line per mode and length with the
-compiled step's `memory_analysis()` figures in GiB and the compile time.
+Each measurement prints one JSON line per mode and length:
+
+- `compiled-memory` compiles the training step on abstract shapes (no weights are allocated, so
+  it runs on a CPU for any model size) and reports the compiled step's `memory_analysis()`
+  figures in GiB and the compile time.
+- `step-time` runs real steps on random weights of the configuration's shape (GPU): the best and
+  median step time over `--steps` timed steps after one warm-up step, tokens/s, the peak device
+  memory and the compiled estimate. Each mode and length runs in its own process, so every peak
+  is that configuration's alone; one that runs out of memory is reported as such.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +30,7 @@ from lemo_jax.errors import UserError, run_cli
 from lemo_jax.train.memory import compiled_step_memory
 
 MODES = ("dense", "lemo")
+MEASURES = ("compiled-memory", "step-time")
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -39,15 +47,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--seq-lens", required=True, help="comma-separated, e.g. 4096,8192")
     parser.add_argument("--modes", default="dense,lemo", help="comma-separated: dense, lemo")
-    parser.add_argument("--measure", default="compiled-memory", choices=["compiled-memory"])
+    parser.add_argument("--measure", default="compiled-memory", choices=MEASURES)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (step-time)")
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     add_run_config_arguments(parser)
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise UserError(f"--modes: unknown {unknown or modes}; choose from {', '.join(MODES)}")
     base = run_config_from_args(args)
-    for seq_len in parse_lengths(args.seq_lens):
+    lengths = parse_lengths(args.seq_lens)
+    for seq_len in lengths:
         for mode in modes:
             config = apply_overrides(
                 base, [f"train.seq_len={seq_len}", f"lemo.enabled={mode == 'lemo'}"]
@@ -57,14 +70,37 @@ def main(argv: Sequence[str] | None = None) -> None:
                 mode=mode,
                 seq_len=seq_len,
                 measure=args.measure,
-                device=jax.devices()[0].device_kind,
                 overrides=args.overrides,
-                **compiled_step_memory(config),
             )
+            if args.measure == "compiled-memory":
+                row.update(device=jax.devices()[0].device_kind, **compiled_step_memory(config))
+            elif args.in_process or len(lengths) * len(modes) == 1:
+                from lemo_jax.train.timing import measure_step_time
+
+                row.update(device=jax.devices()[0].device_kind)
+                row.update(measure_step_time(config, steps=args.steps))
+            else:
+                row.update(_in_child_process(args, seq_len, mode))
             print(json.dumps(row), flush=True)
     print(
         f"done: {len(modes)} modes x {len(parse_lengths(args.seq_lens))} lengths", file=sys.stderr
     )
+
+
+def _in_child_process(args: argparse.Namespace, seq_len: int, mode: str) -> dict:
+    """One step-time measurement in a fresh process: the device's peak memory is per process."""
+    command = [sys.executable, __file__, "--config", args.config, "--measure", args.measure]
+    command += ["--seq-lens", str(seq_len), "--modes", mode, "--steps", str(args.steps)]
+    for override in args.overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode == 0 and lines:
+        row = json.loads(lines[-1])
+        return {key: row[key] for key in row if key not in ("config", "mode", "seq_len")}
+    error = result.stderr.strip().splitlines()
+    out_of_memory = "RESOURCE_EXHAUSTED" in result.stderr or "Out of memory" in result.stderr
+    return dict(error="out of memory" if out_of_memory else (error[-1] if error else "failed"))
 
 
 if __name__ == "__main__":

@@ -117,7 +117,15 @@ def test_bf16_compute_tracks_fp32():
     assert relative_error(bf16(x), fp32(x)) <= BF16.forward
 
 
-def test_bf16_params_are_stored_in_bf16():
+def _param_dtypes(model, kind) -> set:
+    return {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(model, kind))}
+
+
+def test_bf16_params_are_stored_in_bf16_and_adapters_in_float32():
     model = Llama(tiny(param_dtype="bfloat16"), lora=LoraConfig(), rngs=nnx.Rngs(0))
-    dtypes = {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+    assert _param_dtypes(model, base) == {jnp.dtype(jnp.bfloat16)}
+    assert _param_dtypes(model, nnx.LoRAParam) == {jnp.dtype(jnp.float32)}
+    bf16_adapters = LoraConfig(param_dtype="bfloat16")
+    model = Llama(tiny(param_dtype="bfloat16"), lora=bf16_adapters, rngs=nnx.Rngs(0))
+    assert _param_dtypes(model, nnx.LoRAParam) == {jnp.dtype(jnp.bfloat16)}

@@ -142,7 +142,9 @@ class LoraConfig:
     """Low-rank adapters (Hu et al. 2021) as PEFT defines them: W x + (alpha / rank) B A x.
 
     `train_embeddings_and_norms` also trains the embedding table and every RMSNorm scale, which
-    LongLoRA ("LoRA+") found necessary for context extension.
+    LongLoRA ("LoRA+") found necessary for context extension. The adapters are stored in
+    `param_dtype` (float32 by default, as PEFT does) whatever the base weights' dtype: AdamW steps
+    of 2e-5 would round away in bfloat16 weights.
     """
 
     rank: int = 8
@@ -150,8 +152,10 @@ class LoraConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     train_embeddings_and_norms: bool = False
+    param_dtype: str = "float32"
 
     def __post_init__(self):
+        _check_dtype("lora.param_dtype", self.param_dtype)
         _check(self.rank > 0, f"lora.rank must be positive, got {self.rank}")
         _check(self.alpha > 0, f"lora.alpha must be positive, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
@@ -163,3 +167,7 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def param_jnp_dtype(self):
+        return DTYPES[self.param_dtype]

@@ -106,11 +106,11 @@ class Linear(nnx.Module):
         # PEFT: kaiming_uniform_(a=sqrt(5)) on [r, in] gives bound 1/sqrt(in).
         bound = 1.0 / math.sqrt(in_features)
         lora_a = jax.random.uniform(
-            rngs.params(), (in_features, lora.rank), param_dtype, -bound, bound
+            rngs.params(), (in_features, lora.rank), lora.param_jnp_dtype, -bound, bound
         )
         self.lora_a = param(lora_a, (axes[0], "lora_rank"), kind=nnx.LoRAParam)
         self.lora_b = param(
-            jnp.zeros((lora.rank, out_features), param_dtype),
+            jnp.zeros((lora.rank, out_features), lora.param_jnp_dtype),
             ("lora_rank", axes[1]),
             kind=nnx.LoRAParam,
         )

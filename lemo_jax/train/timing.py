@@ -1,0 +1,72 @@
+"""Timed training steps on random weights of a run configuration's shape (benchmarks).
+
+The model is created on the device with random weights (no checkpoint is read), the step is
+compiled once, and `steps` optimizer steps on random tokens are timed one by one after
+`warmup` untimed ones, each synchronised. The peak device memory is the process's peak, so a
+benchmark measures one configuration per process (`scripts/benchmark.py` does).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lemo_jax.configs.run import RunConfig
+from lemo_jax.lemo.budgets import elimination_plan, layer_budgets
+from lemo_jax.model.llama import Llama
+from lemo_jax.model.lora import trainable_filter
+from lemo_jax.train.observe import compiled_memory_gib, peak_device_memory_gib
+from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from lemo_jax.train.setup import model_config_for
+from lemo_jax.train.step import init_state, make_train_step
+
+GIB = 2**30
+
+
+def measure_step_time(config: RunConfig, *, steps: int = 3, warmup: int = 1) -> dict:
+    """Times `steps` training steps; returns seconds (best and median), tokens/s at the best
+    step, the compile time, the compiled step's memory estimate and the peak device memory
+    (GiB; None on backends that do not report it), and the kept-token fraction."""
+    train = config.train
+    lora = config.lora if train.method == "lora" else None
+    model_config = model_config_for(config.model, seq_len=train.seq_len)
+    model = Llama(model_config, lora=lora, rngs=nnx.Rngs(train.seed))
+    optimizer = make_optimizer(train)
+    graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
+    del model
+    plan = elimination_plan(config.lemo, model_config.num_layers, train.seq_len)
+    step = make_train_step(
+        graphdef, optimizer, learning_rate_schedule(train), train, use_dropout=False, plan=plan
+    )
+    shape = (train.grad_accum, train.batch_size, train.seq_len)
+    started = time.perf_counter()
+    compiled = step.lower(state, jax.ShapeDtypeStruct(shape, jnp.int32)).compile()
+    compile_s = time.perf_counter() - started
+    batch = jax.random.randint(jax.random.key(train.seed), shape, 0, model_config.vocab_size)
+    seconds = []
+    for index in range(warmup + steps):
+        started = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        loss = float(metrics["loss"])  # synchronises
+        if index >= warmup:
+            seconds.append(time.perf_counter() - started)
+    kept = 1.0
+    if plan is not None:
+        kept = layer_budgets(config.lemo, model_config.num_layers, train.seq_len).kept_fraction()[1]
+    best = min(seconds)
+    return dict(
+        step_s=best,
+        median_step_s=statistics.median(seconds),
+        tokens_per_s=train.grad_accum * train.batch_size * train.seq_len / best,
+        peak_gib=peak_device_memory_gib(),
+        compiled_gib=compiled_memory_gib(compiled),
+        temp_gib=compiled.memory_analysis().temp_size_in_bytes / GIB,
+        compile_s=compile_s,
+        kept_fraction=kept,
+        loss=loss,
+        layer_groups=1 if plan is None else len(plan.groups),
+    )
