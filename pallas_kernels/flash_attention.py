@@ -24,14 +24,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._shapes import check_query_key_shapes
+from pallas_kernels._common import MIN_TILE, check_query_key_shapes, tile_matmul
 
 # Finite rather than -inf: a block whose scores are all masked then gives exp2(0) = 1 terms that
 # the next block's max rescales to zero, instead of exp2(-inf - -inf) = NaN. The 0.7 leaves
 # headroom so subtracting a row max or log-sum-exp from it cannot overflow.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2_E = math.log2(math.e)  # the kernels use exp2: e^x = 2^(x * log2 e)
-_MIN_BLOCK = 16  # Triton's tl.dot needs every tile dimension >= 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +57,8 @@ class AttentionBlockSizes:
         than an H200 SM has (227 KiB). Backward tiles are half as tall: 64 rather than mha's 32
         halves bf16 fwd+bwd time on the H200 (8K tokens, H = 128: 11.1 -> 5.2 ms)."""
         row_bytes = pl.next_power_of_2(head_dim) * jnp.dtype(dtype).itemsize
-        forward = max(_MIN_BLOCK, min(128, 128 * 256 // row_bytes))
-        backward = max(_MIN_BLOCK, forward // 2)
+        forward = max(MIN_TILE, min(128, 128 * 256 // row_bytes))
+        backward = max(MIN_TILE, forward // 2)
         return cls(forward, forward, backward, backward, backward, backward)
 
     def __post_init__(self):
@@ -70,7 +69,7 @@ class AttentionBlockSizes:
 
     def fit(self, length: int) -> "AttentionBlockSizes":
         """Shrinks tiles larger than the (power-of-two rounded) sequence length."""
-        cap = max(_MIN_BLOCK, pl.next_power_of_2(length))
+        cap = max(MIN_TILE, pl.next_power_of_2(length))
         sizes = {f.name: min(getattr(self, f.name), cap) for f in dataclasses.fields(self)}
         return AttentionBlockSizes(**sizes)
 
@@ -90,17 +89,9 @@ class _KernelConfig:
     interpret: bool
 
 
-def _matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
-    """2-D matmul with fp32 accumulation; fp32 inputs stay full fp32 (no TF32)."""
-    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
-    return lax.dot_general(
-        a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-    )
-
-
 def _masked_logits(q, k, q_start, k_start, config: _KernelConfig) -> jax.Array:
     """Scores q k^T in the base-2 domain, [block_q, block_k] fp32, masked entries MASK_VALUE."""
-    logits = _matmul(q, k, transpose_b=True) * (config.sm_scale * _LOG2_E)
+    logits = tile_matmul(q, k, transpose_b=True) * (config.sm_scale * _LOG2_E)
     k_positions = k_start + jnp.arange(k.shape[0])
     mask = None
     if config.real_kv_len is not None:  # padded keys are never attended
@@ -136,7 +127,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *, config: _KernelCon
         probs = jnp.exp2(logits - new_max[:, None])
         row_sum = correction * row_sum + jnp.sum(probs, axis=1)
         v = v_ref[k_slice, :]
-        out = correction[:, None] * out + _matmul(probs.astype(v.dtype), v)
+        out = correction[:, None] * out + tile_matmul(probs.astype(v.dtype), v)
         return out, new_max, row_sum
 
     num_blocks = _key_blocks_to_visit(q_start + block_q, block_k, k_ref.shape[0], config)
@@ -153,7 +144,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *, config: _KernelCon
 def _softmax_grads(q, k, v, d_out, lse, delta, q_start, k_start, config: _KernelConfig):
     """Probabilities P and score gradients dS = P * (dO V^T - delta) * sm_scale of one tile pair."""
     probs = jnp.exp2(_masked_logits(q, k, q_start, k_start, config) - lse[:, None])
-    d_probs = _matmul(d_out, v, transpose_b=True)
+    d_probs = tile_matmul(d_out, v, transpose_b=True)
     return probs, probs * (d_probs - delta[:, None]) * config.sm_scale
 
 
@@ -171,8 +162,8 @@ def _backward_dkv_kernel(
         probs, d_logits = _softmax_grads(
             q, k, v, d_out, lse_ref[q_slice], delta_ref[q_slice], q_index * block_q, k_start, config
         )
-        dv = dv + _matmul(probs.astype(d_out.dtype), d_out, transpose_a=True)
-        dk = dk + _matmul(d_logits.astype(q.dtype), q, transpose_a=True)
+        dv = dv + tile_matmul(probs.astype(d_out.dtype), d_out, transpose_a=True)
+        dk = dk + tile_matmul(d_logits.astype(q.dtype), q, transpose_a=True)
         return dk, dv
 
     # Causal: query tiles entirely before this key tile never see it.
@@ -196,7 +187,7 @@ def _backward_dq_kernel(
         _, d_logits = _softmax_grads(
             q, k, v_ref[k_slice, :], d_out, lse, delta, q_start, k_index * block_k, config
         )
-        return dq + _matmul(d_logits.astype(k.dtype), k)
+        return dq + tile_matmul(d_logits.astype(k.dtype), k)
 
     num_blocks = _key_blocks_to_visit(q_start + block_q, block_k, k_ref.shape[0], config)
     dq = lax.fori_loop(0, num_blocks, body, jnp.zeros(q.shape, jnp.float32))
@@ -344,7 +335,7 @@ def flash_attention(
     k = jnp.repeat(k, num_heads // num_kv_heads, axis=2)  # [B, S, N, H]
     v = jnp.repeat(v, num_heads // num_kv_heads, axis=2)
 
-    padded_head_dim = max(_MIN_BLOCK, pl.next_power_of_2(head_dim))
+    padded_head_dim = max(MIN_TILE, pl.next_power_of_2(head_dim))
 
     def pad(x):  # [B, L, N, H] -> [B, L_padded, N, H_padded], zeros at the ends
         padded_len = pl.cdiv(x.shape[1], blocks.largest) * blocks.largest

@@ -98,9 +98,10 @@ def _in_child_process(args: argparse.Namespace, seq_len: int, mode: str) -> dict
     if result.returncode == 0 and lines:
         row = json.loads(lines[-1])
         return {key: row[key] for key in row if key not in ("config", "mode", "seq_len")}
-    error = result.stderr.strip().splitlines()
-    out_of_memory = "RESOURCE_EXHAUSTED" in result.stderr or "Out of memory" in result.stderr
-    return dict(error="out of memory" if out_of_memory else (error[-1] if error else "failed"))
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0]] or lines or ["failed"]
+    out_of_memory = "RESOURCE_EXHAUSTED: Out of memory" in result.stderr
+    return dict(error="out of memory" if out_of_memory else errors[-1][:500])
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """pallas_kernels.block_scores (LeMo paper eq. 2) vs its reference, by hand, and by brute force.
 
-The tiled XLA path is compared with the direct O(T * S) reference over a hand-picked grid (each
-value of B, T (ragged 200 included), (N, K), H, block size, dtype and causality appears at least
-once); a hand-computed case pins exact values; a Python-loop brute force guards against a bug
-shared by both implementations; `memory_analysis()` checks the tiled path never holds the full
-[B, N, T, S] logits.
+The tiled XLA path and the Pallas kernel (interpret mode on CPU, compiled Triton on a GPU) are
+compared with the direct O(T * S) reference over a hand-picked grid (each value of B, T (ragged
+200 included), (N, K), H, block size, dtype and causality appears at least once); the `gpu` grid
+repeats this at Llama-2-7B sizes on the GPU; a hand-computed case pins exact values; a
+Python-loop brute force guards against a bug shared by both implementations; `memory_analysis()`
+checks the tiled path never holds the full [B, N, T, S] logits.
 """
 
 import itertools
@@ -47,6 +48,8 @@ CASES = [
     ((1, 200, 72, 4, 4, 64), 16, F32, False),  # S != T, both ragged
     ((2, 256, 128, 6, 2, 32), 16, BF16, False),
     ((1, 64, 256, 8, 1, 64), 16, F32, False),
+    ((1, 1024, 1024, 3, 3, 128), 64, BF16, True),
+    ((2, 1000, 1000, 8, 4, 128), 64, F32, True),  # ragged T = 15 * 64 + 40
 ]
 
 
@@ -57,11 +60,12 @@ def _case_id(case) -> str:
     return f"{sizes}-b{block_size}-{jnp.dtype(dtype).name}-{mask}"
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_reference(case):
+def test_matches_reference(case, impl):
     shape, block_size, dtype, causal = case
     q, k = _inputs(*shape, dtype)
-    scores = block_scores(q, k, block_size=block_size, causal=causal)
+    scores = block_scores(q, k, block_size=block_size, causal=causal, impl=impl)
     # The truth: the reference on the very same (already rounded) values in fp32. Both compute in
     # fp32 with exact products, so the fp32 tolerance applies to bf16 inputs too.
     expected = _reference(q.astype(F32), k.astype(F32), block_size=block_size, causal=causal)
@@ -96,6 +100,11 @@ def test_hand_computed(length, causal, expected):
         _reference(q, k, block_size=2, causal=causal),
     ):
         np.testing.assert_array_equal(np.asarray(scores), np.asarray([expected], np.float32))
+    # The kernel's tiles are >= 16 tokens: the same values, each token repeated 16 times (every
+    # 2-token block becomes a 32-token block whose pairs are those of the small one).
+    big_q, big_k = jnp.repeat(q, 16, axis=1), jnp.repeat(k, 16, axis=1)
+    scores = block_scores(big_q, big_k, block_size=32, causal=causal, impl="pallas")
+    np.testing.assert_array_equal(np.asarray(scores), np.asarray([expected], np.float32))
 
 
 def _brute_force(q, k, block_size: int, causal: bool) -> np.ndarray:
@@ -155,12 +164,38 @@ def test_impl_switch_and_no_gradient():
     expected = _reference(q, k, block_size=16)
     # Exact: impl="reference" runs the very same jitted computation.
     np.testing.assert_array_equal(block_scores(q, k, block_size=16, impl="reference"), expected)
-    with pytest.raises(NotImplementedError, match="Pallas block-score kernel"):
-        block_scores(q, k, impl="pallas")
+    with pytest.raises(ValueError, match="power-of-two block_size"):
+        block_scores(q, k, block_size=24, impl="pallas")
     with pytest.raises(ValueError, match="impl"):
         block_scores(q, k, impl="cuda")
-    grad_q, grad_k = jax.grad(lambda q, k: block_scores(q, k).sum(), argnums=(0, 1))(q, k)
-    assert not np.any(grad_q) and not np.any(grad_k)
+    for impl in ("xla", "pallas"):
+        grad_q, grad_k = jax.grad(
+            lambda q, k, impl=impl: block_scores(q, k, block_size=16, impl=impl).sum(),
+            argnums=(0, 1),
+        )(q, k)
+        assert not np.any(grad_q) and not np.any(grad_k)
+
+
+# Llama-2-7B (N = K = 32, H = 128) and Llama-3-8B (N = 32, K = 8) heads at real lengths.
+GPU_CASES = [
+    ((1, 8192, 8192, 32, 32, 128), 64, BF16, True),
+    ((1, 16384, 16384, 32, 8, 128), 64, BF16, True),
+    ((2, 4000, 4000, 32, 8, 128), 64, BF16, True),  # ragged
+    ((1, 4096, 4096, 8, 8, 64), 32, F32, True),
+    ((1, 4096, 2048, 16, 4, 128), 64, BF16, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_kernel_matches_tiled_path_gpu(case):
+    """The kernel against the tiled XLA path (the O(T * S) reference would not fit in memory),
+    both fp32-accumulated from the same bf16 values; the orders of summation differ."""
+    shape, block_size, dtype, causal = case
+    q, k = _inputs(*shape, dtype)
+    kernel = block_scores(q, k, block_size=block_size, causal=causal, impl="pallas")
+    tiled = block_scores(q.astype(F32), k.astype(F32), block_size=block_size, causal=causal)
+    assert relative_error(kernel, tiled) < TOLERANCES[jnp.dtype(F32)].forward
 
 
 @pytest.mark.parametrize(

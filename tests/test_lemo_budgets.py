@@ -3,6 +3,7 @@
 import json
 import math
 
+import jax
 import pytest
 
 from lemo_jax.errors import UserError
@@ -14,7 +15,7 @@ from lemo_jax.lemo import (
     read_schedule_file,
     write_schedule_file,
 )
-from lemo_jax.lemo.budgets import PAPER_ATTENTION_TABLE, PAPER_MLP_TABLE
+from lemo_jax.lemo.budgets import PAPER_ATTENTION_TABLE, PAPER_MLP_TABLE, elimination_plan
 
 
 def test_default_config_is_disabled_and_valid():
@@ -234,12 +235,26 @@ def test_write_schedule_file_checks_ratios(tmp_path):
         ),
         ({"scorer": "random"}, r"lemo.scorer='random' is not one of \('oracle',\)"),
         ({"keep_first_blocks": -1}, "lemo.keep_first_blocks=-1 must be >= 0"),
+        ({"kernels": "triton"}, r"lemo.kernels='triton' is not one of \('auto', 'pallas', 'xla'\)"),
+        (
+            {"kernels": "pallas", "block_size": 48},
+            "lemo.kernels=pallas needs a power-of-two lemo.block_size, got 48",
+        ),
     ],
 )
 def test_config_errors(fields, message):
     with pytest.raises(ValueError, match=message) as error:
         LemoConfig(**fields)
     assert "\n" not in str(error.value)
+
+
+def test_kernels_resolve_to_xla_off_the_gpu_and_reach_the_plan():
+    plan = elimination_plan(LemoConfig(enabled=True, schedule="uniform:0.5"), 2, 1024)
+    assert plan.kernels == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    forced = LemoConfig(enabled=True, schedule="uniform:0.5", kernels="pallas")
+    assert elimination_plan(forced, 2, 1024).kernels == "pallas"
+    odd_blocks = LemoConfig(enabled=True, schedule="uniform:0.5", block_size=48)
+    assert elimination_plan(odd_blocks, 2, 1920).kernels == "xla"  # the kernel needs 2^k
 
 
 def test_elimination_plan_has_no_single_layer_groups():

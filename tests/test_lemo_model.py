@@ -152,3 +152,30 @@ def test_mean_score_reduction_divides_by_the_visible_query_blocks():
         token_ids = attention_token_ids(layer, h, cos, sin, num_blocks=3, plan=plan)
         expected_blocks = jnp.sort(jax.lax.top_k(expected_scores, 3)[1])
         assert jnp.array_equal(token_ids[0, ::BLOCK] // BLOCK, expected_blocks), reduction
+
+
+def test_pallas_and_xla_scorers_select_the_same_tokens_and_give_the_same_step():
+    """The model with `kernels="pallas"` (interpreted on CPU) equals `kernels="xla"`: the same
+    kept blocks in every layer, so the same loss and gradients."""
+    model = model_with_active_lora()
+    T = 256
+    token_ids = jax.random.randint(jax.random.key(3), (2, T), 0, CONFIG.vocab_size)
+    groups = (GroupPlan(0, 1), GroupPlan(1, 3, 6, None))  # 6 of 16 blocks kept
+    plans = [EliminationPlan(BLOCK, groups, kernels=kernels) for kernels in ("xla", "pallas")]
+    graphdef, stacked = nnx.split(model.layers)
+    layer = nnx.merge(graphdef, jax.tree.map(lambda p: p[1], stacked))  # first pruned layer
+    positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+    cos, sin = rotary_angles(CONFIG.rope, CONFIG.head_dim, positions)
+    h = model.embedding(token_ids)
+    xla_ids, pallas_ids = (
+        attention_token_ids(layer, h, cos, sin, num_blocks=6, plan=plan) for plan in plans
+    )
+    np.testing.assert_array_equal(xla_ids, pallas_ids)
+    (loss, grads), (kernel_loss, kernel_grads) = (
+        loss_and_grads(model, token_ids, plan) for plan in plans
+    )
+    assert relative_error(kernel_loss, loss) <= FP32.forward
+    for leaf, kernel_leaf in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(kernel_grads), strict=True
+    ):
+        assert relative_error(kernel_leaf, leaf) <= FP32.forward

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lemo_jax.errors import UserError
-from lemo_jax.lemo.config import LemoConfig, Schedule, parse_schedule
+from lemo_jax.lemo.config import LemoConfig, Schedule, parse_schedule, resolve_kernels
 from lemo_jax.lemo.layer import EliminationPlan, GroupPlan
 
 # Paper section 2, Llama-2-7B, keep fraction per layer 0..31 (mean eliminated 38.2% and 51.0%).
@@ -269,6 +269,7 @@ def elimination_plan(config: LemoConfig, num_layers: int, seq_len: int) -> Elimi
         keep_first_blocks=config.keep_first_blocks,
         pruned_remat=None if config.pruned_remat == "same" else config.pruned_remat,
         score_reduction=config.score_reduction,
+        kernels=resolve_kernels(config),
     )
 
 

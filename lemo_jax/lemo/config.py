@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from lemo_jax.model.remat import REMAT_POLICIES
 
 SCHEDULE_FORMS = ("paper_e2e", "paper_table", "uniform:RATIO", "file:PATH")
@@ -62,6 +64,17 @@ def parse_schedule(text: str, field: str) -> Schedule:
     raise ValueError(f"{where} is not one of {', '.join(SCHEDULE_FORMS)}")
 
 
+KERNELS = ("auto", "pallas", "xla")
+
+
+def resolve_kernels(config: LemoConfig) -> str:
+    """ "auto" -> "pallas" on a GPU (when the block size suits the kernels), else "xla"."""
+    if config.kernels != "auto":
+        return config.kernels
+    power_of_two = config.block_size & (config.block_size - 1) == 0
+    return "pallas" if jax.default_backend() == "gpu" and power_of_two else "xla"
+
+
 @dataclasses.dataclass(frozen=True)
 class LemoConfig:
     """LeMo token elimination (paper section 2) with static per-layer budgets (section 7).
@@ -100,6 +113,10 @@ class LemoConfig:
     # over the query blocks that can see it causally (M - n of them for block n). The causal sum
     # favours early blocks simply because more queries see them.
     score_reduction: str = "sum"
+    # Implementation of the sparse-path ops (block scoring): "pallas" (fused kernels; Triton on a
+    # GPU, interpreted elsewhere), "xla" (tiled jnp), or "auto": Pallas on a GPU, where it is
+    # faster (BENCHMARKS.md), XLA elsewhere.
+    kernels: str = "auto"
 
     def __post_init__(self):
         _check(
@@ -124,6 +141,14 @@ class LemoConfig:
         _check(
             self.pruned_remat == "same" or self.pruned_remat in REMAT_POLICIES,
             f"lemo.pruned_remat={self.pruned_remat!r} is not 'same' or one of {REMAT_POLICIES}",
+        )
+        _check(
+            self.kernels in KERNELS,
+            f"lemo.kernels={self.kernels!r} is not one of {KERNELS}",
+        )
+        _check(
+            self.kernels != "pallas" or self.block_size & (self.block_size - 1) == 0,
+            f"lemo.kernels=pallas needs a power-of-two lemo.block_size, got {self.block_size}",
         )
         _check(
             self.keep_first_blocks >= 0,

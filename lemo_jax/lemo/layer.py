@@ -42,6 +42,7 @@ class EliminationPlan:
     keep_first_blocks: int = 1
     pruned_remat: str | None = None  # remat policy of pruned groups; None: the run's policy
     score_reduction: str = "sum"  # "sum" (paper eq. 2) or "mean" over causally visible queries
+    kernels: str = "xla"  # implementation of the block scores: "xla" or "pallas"
 
 
 def gather_rows(
@@ -80,7 +81,9 @@ def attention_token_ids(
     """Oracle selection (paper eq. 2) from the layer's own LoRA-adapted queries and keys."""
     x = layer.attention_norm(jax.lax.stop_gradient(h))
     query, key = layer.attention.rotated_query_key(x, cos, sin)
-    scores = block_scores(query, key, block_size=plan.block_size, causal=True)  # [B, M]
+    scores = block_scores(  # [B, M]
+        query, key, block_size=plan.block_size, causal=True, impl=plan.kernels
+    )
     if plan.score_reduction == "mean":  # block n is seen by query blocks n .. M-1
         num_blocks_total = scores.shape[-1]
         scores = scores / (num_blocks_total - jnp.arange(num_blocks_total, dtype=scores.dtype))

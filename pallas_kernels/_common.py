@@ -1,9 +1,21 @@
-"""Shape validation shared by the kernels whose inputs are queries [B, T, N, H] and keys
-[B, S, K, H] (grouped-query attention: N a multiple of K)."""
+"""What the kernels share: shape validation for queries [B, T, N, H] and keys [B, S, K, H]
+(grouped-query attention: N a multiple of K), and the in-kernel tile product."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from jax import lax
+
+MIN_TILE = 16  # Triton's tl.dot needs every tile dimension >= 16
+
+
+def tile_matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
+    """2-D matmul with fp32 accumulation inside a kernel; fp32 inputs stay full fp32 (no TF32)."""
+    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
+    return lax.dot_general(
+        a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
 
 
 def check_query_key_shapes(q: jax.Array, k: jax.Array, *, causal: bool, op: str) -> None:
