@@ -9,6 +9,10 @@ product (8192^3) and a device copy. Then each op and implementation is timed (be
 
 - `block_scores`: FLOPs of the causal q.k products for all heads (N * H * T^2), against the
   matmul ceiling.
+- `selective_load` (gather + RMSNorm of the kept rows, R = --keep x T rounded to blocks):
+  bytes read and written (2 * R * D elements), against the copy ceiling.
+- `residual_add` (h[ids] += rows, h donated so the update is in place): bytes of the touched
+  rows of h read and written plus the rows read (3 * R * D elements), against the copy ceiling.
 
 One JSON line per measurement, then a table.
 """
@@ -24,9 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from lemo_jax.errors import UserError, run_cli
-from pallas_kernels import block_scores
+from pallas_kernels import block_scores, gather_rmsnorm, scatter_add_rows
 
-OPS = ("block_scores",)
+OPS = ("block_scores", "selective_load", "residual_add")
 
 
 def best_seconds(function: Callable, *args, repeats: int) -> float:
@@ -75,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--model-dim", type=int, default=4096)
+    parser.add_argument("--keep", type=float, default=0.4, help="kept fraction (row ops)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     lengths = parse_ints(args.seq_lens, "--seq-lens")
@@ -96,29 +102,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     rows = []
     for seq_len in lengths:
-        key_q, key_k = jax.random.split(jax.random.key(seq_len))
-        q = jax.random.normal(key_q, (1, seq_len, args.heads, args.head_dim), jnp.bfloat16)
-        k = jax.random.normal(key_k, (1, seq_len, args.kv_heads, args.head_dim), jnp.bfloat16)
         for op in ops:
             for impl in impls:
-                function = jax.jit(
-                    lambda q, k, impl=impl: block_scores(
-                        q, k, block_size=args.block_size, causal=True, impl=impl
-                    )
-                )
-                try:
-                    seconds = best_seconds(function, q, k, repeats=args.repeats)
-                except NotImplementedError as error:
-                    print(json.dumps(dict(op=op, impl=impl, seq_len=seq_len, error=str(error))))
-                    continue
-                flops = args.heads * args.head_dim * seq_len**2
+                function, inputs, work = _op(op, impl, seq_len, args)
+                seconds = best_seconds(function, *inputs, repeats=args.repeats)
+                ceiling = flops_ceiling if op == "block_scores" else bytes_ceiling
                 row = dict(
                     op=op,
                     impl=impl,
                     seq_len=seq_len,
                     ms=seconds * 1e3,
-                    tflops=flops / seconds / 1e12,
-                    fraction_of_ceiling=flops / seconds / flops_ceiling,
+                    rate=work / seconds / 1e12,
+                    unit="TFLOP/s" if op == "block_scores" else "TB/s",
+                    fraction_of_ceiling=work / seconds / ceiling,
                 )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -126,12 +122,46 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"\nceilings on {device}: matmul {flops_ceiling / 1e12:.0f} TFLOP/s, "
         f"copy {bytes_ceiling / 1e12:.2f} TB/s"
     )
-    print(f"{'op':<14}{'impl':<8}{'tokens':>8}{'ms':>10}{'TFLOP/s':>10}{'of ceiling':>12}")
+    print(f"{'op':<16}{'impl':<8}{'tokens':>8}{'ms':>10}{'rate':>16}{'of ceiling':>12}")
     for row in rows:
+        rate = f"{row['rate']:.2f} {row['unit']}"
         print(
-            f"{row['op']:<14}{row['impl']:<8}{row['seq_len']:>8}{row['ms']:>10.2f}"
-            f"{row['tflops']:>10.1f}{row['fraction_of_ceiling']:>12.2f}"
+            f"{row['op']:<16}{row['impl']:<8}{row['seq_len']:>8}{row['ms']:>10.3f}"
+            f"{rate:>16}{row['fraction_of_ceiling']:>12.2f}"
         )
+
+
+def _op(op: str, impl: str, seq_len: int, args: argparse.Namespace):
+    """(function, its inputs, its work in FLOPs or bytes) for one measurement."""
+    key = jax.random.key(seq_len)
+    if op == "block_scores":
+        key_q, key_k = jax.random.split(key)
+        q = jax.random.normal(key_q, (1, seq_len, args.heads, args.head_dim), jnp.bfloat16)
+        k = jax.random.normal(key_k, (1, seq_len, args.kv_heads, args.head_dim), jnp.bfloat16)
+        function = jax.jit(
+            lambda q, k: block_scores(q, k, block_size=args.block_size, causal=True, impl=impl)
+        )
+        return function, (q, k), args.heads * args.head_dim * seq_len**2
+    num_blocks = max(1, seq_len // args.block_size)
+    kept = max(1, round(args.keep * num_blocks)) * args.block_size
+    key_h, key_ids, key_rows = jax.random.split(key, 3)
+    h = jax.random.normal(key_h, (1, seq_len, args.model_dim), jnp.bfloat16)
+    ids = jnp.sort(jax.random.choice(key_ids, seq_len, (1, kept), replace=False), axis=-1)
+    ids = ids.astype(jnp.int32)
+    element = jnp.dtype(jnp.bfloat16).itemsize
+    if op == "selective_load":
+        scale = jnp.ones((args.model_dim,), jnp.bfloat16)
+        function = jax.jit(lambda h, ids, s: gather_rmsnorm(h, ids, s, eps=1e-5, impl=impl))
+        return function, (h, ids, scale), 2 * kept * args.model_dim * element
+    rows = jax.random.normal(key_rows, (1, kept, args.model_dim), jnp.bfloat16)
+    add = jax.jit(lambda h, ids, r: scatter_add_rows(h, ids, r, impl=impl), donate_argnums=0)
+    state = {"h": h}
+
+    def threaded(ids, rows):  # each call consumes the previous result: in place every time
+        state["h"] = add(state["h"], ids, rows)
+        return state["h"]
+
+    return threaded, (ids, rows), 3 * kept * args.model_dim * element
 
 
 if __name__ == "__main__":

@@ -154,14 +154,18 @@ def test_mean_score_reduction_divides_by_the_visible_query_blocks():
         assert jnp.array_equal(token_ids[0, ::BLOCK] // BLOCK, expected_blocks), reduction
 
 
-def test_pallas_and_xla_scorers_select_the_same_tokens_and_give_the_same_step():
-    """The model with `kernels="pallas"` (interpreted on CPU) equals `kernels="xla"`: the same
-    kept blocks in every layer, so the same loss and gradients."""
+def test_pallas_and_xla_kernels_select_the_same_tokens_and_give_the_same_step():
+    """The model with the Pallas kernels (block scores, selective load, in-place add;
+    interpreted on CPU) equals the XLA paths: the same kept blocks in every layer, so the same
+    loss and gradients."""
     model = model_with_active_lora()
     T = 256
     token_ids = jax.random.randint(jax.random.key(3), (2, T), 0, CONFIG.vocab_size)
     groups = (GroupPlan(0, 1), GroupPlan(1, 3, 6, None))  # 6 of 16 blocks kept
-    plans = [EliminationPlan(BLOCK, groups, kernels=kernels) for kernels in ("xla", "pallas")]
+    plans = [
+        EliminationPlan(BLOCK, groups, kernels=kernels, row_kernels=kernels)
+        for kernels in ("xla", "pallas")
+    ]
     graphdef, stacked = nnx.split(model.layers)
     layer = nnx.merge(graphdef, jax.tree.map(lambda p: p[1], stacked))  # first pruned layer
     positions = jnp.broadcast_to(jnp.arange(T), (2, T))

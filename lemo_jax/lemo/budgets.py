@@ -269,7 +269,8 @@ def elimination_plan(config: LemoConfig, num_layers: int, seq_len: int) -> Elimi
         keep_first_blocks=config.keep_first_blocks,
         pruned_remat=None if config.pruned_remat == "same" else config.pruned_remat,
         score_reduction=config.score_reduction,
-        kernels=resolve_kernels(config),
+        kernels=resolve_kernels(config, "block_scores"),
+        row_kernels=resolve_kernels(config, "rows"),
     )
 
 

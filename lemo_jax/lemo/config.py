@@ -67,12 +67,20 @@ def parse_schedule(text: str, field: str) -> Schedule:
 KERNELS = ("auto", "pallas", "xla")
 
 
-def resolve_kernels(config: LemoConfig) -> str:
-    """ "auto" -> "pallas" on a GPU (when the block size suits the kernels), else "xla"."""
+# Ops for which "auto" picks the Pallas kernel on a GPU: those measured faster than XLA on the
+# H200 (BENCHMARKS.md). The row kernels (selective load, in-place add) run with
+# lemo.kernels=pallas until they are measured there.
+AUTO_PALLAS_OPS = frozenset({"block_scores"})
+
+
+def resolve_kernels(config: LemoConfig, op: str = "block_scores") -> str:
+    """The implementation of `op` ("block_scores", "rows"): "auto" -> "pallas" on a GPU for
+    the ops in AUTO_PALLAS_OPS (when the block size suits the kernels), else "xla"."""
     if config.kernels != "auto":
         return config.kernels
     power_of_two = config.block_size & (config.block_size - 1) == 0
-    return "pallas" if jax.default_backend() == "gpu" and power_of_two else "xla"
+    on_gpu = jax.default_backend() == "gpu"
+    return "pallas" if on_gpu and power_of_two and op in AUTO_PALLAS_OPS else "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +121,9 @@ class LemoConfig:
     # over the query blocks that can see it causally (M - n of them for block n). The causal sum
     # favours early blocks simply because more queries see them.
     score_reduction: str = "sum"
-    # Implementation of the sparse-path ops (block scoring): "pallas" (fused kernels; Triton on a
-    # GPU, interpreted elsewhere), "xla" (tiled jnp), or "auto": Pallas on a GPU, where it is
-    # faster (BENCHMARKS.md), XLA elsewhere.
+    # Implementation of the sparse-path ops (block scoring, selective load, in-place residual
+    # add): "pallas" (fused kernels; Triton on a GPU, interpreted elsewhere), "xla" (jnp), or
+    # "auto": Pallas on a GPU for the ops measured faster there (AUTO_PALLAS_OPS), else XLA.
     kernels: str = "auto"
 
     def __post_init__(self):

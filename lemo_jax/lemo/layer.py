@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import block_scores
+from pallas_kernels import block_scores, gather_rmsnorm
+from pallas_kernels import scatter_add_rows as _scatter_add_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ class EliminationPlan:
     pruned_remat: str | None = None  # remat policy of pruned groups; None: the run's policy
     score_reduction: str = "sum"  # "sum" (paper eq. 2) or "mean" over causally visible queries
     kernels: str = "xla"  # implementation of the block scores: "xla" or "pallas"
+    row_kernels: str = "xla"  # selective load and in-place residual add: "xla" or "pallas"
 
 
 def gather_rows(
@@ -53,11 +55,32 @@ def gather_rows(
 
 
 def scatter_add_rows(
-    h: Float[Array, "B T D"], token_ids: Int[Array, "B R"], rows: Float[Array, "B R D"]
+    h: Float[Array, "B T D"],
+    token_ids: Int[Array, "B R"],
+    rows: Float[Array, "B R D"],
+    kernels: str = "xla",
 ) -> Float[Array, "B T D"]:
-    """h[b, token_ids[b, r]] += rows[b, r]; indices are unique, so the add is exact."""
-    batch = jnp.arange(h.shape[0])[:, None]
-    return h.at[batch, token_ids].add(rows.astype(h.dtype), unique_indices=True)
+    """h[b, token_ids[b, r]] += rows[b, r] (in place with the Pallas kernel); indices are
+    unique, so the add is exact."""
+    return _scatter_add_rows(h, token_ids, rows, impl=_impl(kernels, h.shape[-1]))
+
+
+def selective_load(norm, h: Float[Array, "B T D"], token_ids: Int[Array, "B R"], kernels: str):
+    """`norm` (an RMSNorm) applied to the kept rows of h only, gathered and normalised in one
+    pass (paper section 4.4)."""
+    return gather_rmsnorm(
+        h,
+        token_ids,
+        norm.scale[...],
+        eps=norm.eps,
+        out_dtype=norm.compute_dtype,
+        impl=_impl(kernels, h.shape[-1]),
+    )
+
+
+def _impl(kernels: str, dim: int) -> str:
+    """The row kernels tile whole rows of D elements: Triton needs D to be a power of two."""
+    return kernels if dim & (dim - 1) == 0 else "xla"
 
 
 def block_token_ids(block_ids: Int[Array, "B K"], block_size: int) -> Int[Array, "B R"]:
@@ -92,16 +115,22 @@ def attention_token_ids(
 
 
 def eliminated_attention(
-    layer, h: Float[Array, "B T D"], token_ids: Int[Array, "B R"], cos, sin, keys
+    layer,
+    h: Float[Array, "B T D"],
+    token_ids: Int[Array, "B R"],
+    cos,
+    sin,
+    keys,
+    kernels: str = "xla",
 ) -> Float[Array, "B T D"]:
     """h + attention over the kept tokens only, added back at their rows."""
-    x = layer.attention_norm(gather_rows(h, token_ids))  # selective load: norm kept rows only
+    x = selective_load(layer.attention_norm, h, token_ids, kernels)  # norm kept rows only
     out = layer.attention(x, gather_rows(cos, token_ids), gather_rows(sin, token_ids), keys)
-    return scatter_add_rows(h, token_ids, out)
+    return scatter_add_rows(h, token_ids, out, kernels)
 
 
 def token_sparse_mlp(
-    layer, h: Float[Array, "B T D"], num_tokens: int, keys
+    layer, h: Float[Array, "B T D"], num_tokens: int, keys, kernels: str = "xla"
 ) -> Float[Array, "B T D"]:
     """h + MLP over the `num_tokens` tokens with the largest intermediate activation
     ||silu(gate(x)) * up(x)|| (the paper's MLP criterion), added back at their rows."""
@@ -110,5 +139,5 @@ def token_sparse_mlp(
     magnitude = jnp.sum(jnp.square(intermediate.astype(jnp.float32)), axis=-1)
     _, token_ids = jax.lax.top_k(jax.lax.stop_gradient(magnitude), num_tokens)
     token_ids = jnp.sort(token_ids, axis=-1).astype(jnp.int32)
-    out = layer.mlp(layer.mlp_norm(gather_rows(h, token_ids)), keys)
-    return scatter_add_rows(h, token_ids, out)
+    out = layer.mlp(selective_load(layer.mlp_norm, h, token_ids, kernels), keys)
+    return scatter_add_rows(h, token_ids, out, kernels)

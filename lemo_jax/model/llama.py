@@ -137,6 +137,7 @@ class DecoderLayer(nnx.Module):
         *,
         attention_token_ids: Int[Array, "B R"] | None = None,
         mlp_tokens: int | None = None,
+        kernels: str = "xla",
     ) -> Float[Array, "B T D"]:
         """With `attention_token_ids`, attention runs on those tokens only; with `mlp_tokens`,
         the MLP runs on that many tokens (LeMo token elimination, `lemo_jax.lemo.layer`)."""
@@ -144,10 +145,10 @@ class DecoderLayer(nnx.Module):
         if attention_token_ids is None:
             h = x + self.attention(self.attention_norm(x), cos, sin, keys)
         else:
-            h = eliminated_attention(self, x, attention_token_ids, cos, sin, keys)
+            h = eliminated_attention(self, x, attention_token_ids, cos, sin, keys, kernels)
         if mlp_tokens is None:
             return h + self.mlp(self.mlp_norm(h), keys)
-        return token_sparse_mlp(self, h, mlp_tokens, keys)
+        return token_sparse_mlp(self, h, mlp_tokens, keys, kernels)
 
 
 def _projection_keys(key: jax.Array | None) -> dict[str, jax.Array | None]:
@@ -234,6 +235,7 @@ class Llama(nnx.Module):
         """
         graphdef, layer_state = nnx.split(self.layers)
         mlp_tokens = None if group.mlp_blocks is None else group.mlp_blocks * plan.block_size
+        kernels = "xla" if plan is None else plan.row_kernels
 
         def layer_at(index):
             state = jax.tree.map(
@@ -243,7 +245,13 @@ class Llama(nnx.Module):
 
         def update(h, index, key, token_ids):
             return layer_at(index)(
-                h, cos, sin, key, attention_token_ids=token_ids, mlp_tokens=mlp_tokens
+                h,
+                cos,
+                sin,
+                key,
+                attention_token_ids=token_ids,
+                mlp_tokens=mlp_tokens,
+                kernels=kernels,
             )
 
         is_pruned = group.attention_blocks is not None or group.mlp_blocks is not None
