@@ -230,10 +230,9 @@ def test_write_schedule_file_checks_ratios(tmp_path):
         ({"bucket_blocks": 0}, "lemo.bucket_blocks=0 must be at least 1"),
         (
             {"scorer": "predictor"},
-            "lemo.scorer='predictor': learned block-score predictors .* are not available yet; "
-            "use 'oracle'",
+            "lemo.scorer=predictor needs lemo.predictor_path=DIR",
         ),
-        ({"scorer": "random"}, r"lemo.scorer='random' is not one of \('oracle',\)"),
+        ({"scorer": "random"}, r"lemo.scorer='random' is not one of \('oracle', 'predictor'\)"),
         ({"keep_first_blocks": -1}, "lemo.keep_first_blocks=-1 must be >= 0"),
         ({"kernels": "triton"}, r"lemo.kernels='triton' is not one of \('auto', 'pallas', 'xla'\)"),
         (

@@ -271,6 +271,7 @@ def elimination_plan(config: LemoConfig, num_layers: int, seq_len: int) -> Elimi
         score_reduction=config.score_reduction,
         kernels=resolve_kernels(config, "block_scores"),
         row_kernels=resolve_kernels(config, "rows"),
+        scorer=config.scorer,
     )
 
 

@@ -22,11 +22,7 @@ from lemo_jax.model.remat import REMAT_POLICIES
 
 SCHEDULE_FORMS = ("paper_e2e", "paper_table", "uniform:RATIO", "file:PATH")
 MLP_MODES = ("dense", "token_sparse")
-SCORERS = ("oracle",)
-# Scorers the design names but that are not built yet, with the reason given to the user.
-_UNAVAILABLE_SCORERS = {
-    "predictor": "learned block-score predictors (paper section 3) are not available yet",
-}
+SCORERS = ("oracle", "predictor")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -104,8 +100,10 @@ class LemoConfig:
     # Budgets are rounded up to a multiple of this many blocks, so a deep model compiles few
     # distinct shapes and the kept length R stays tile-aligned.
     bucket_blocks: int = 4
-    # How blocks are scored: "oracle" computes the exact attention block scores (paper eq. 1-2).
+    # How blocks are scored: "oracle" computes the exact attention block scores (paper eq. 1-2);
+    # "predictor" uses the trained per-layer predictors in `predictor_path` (paper section 4.3).
     scorer: str = "oracle"
+    predictor_path: str | None = None
     # The first blocks are always kept in attention (a token-sparse MLP selects single tokens
     # by their own activation and forces none): the first tokens
     # are attention sinks that take a large share of every later query's attention whatever
@@ -138,10 +136,12 @@ class LemoConfig:
         _check(
             self.bucket_blocks >= 1, f"lemo.bucket_blocks={self.bucket_blocks} must be at least 1"
         )
-        if self.scorer in _UNAVAILABLE_SCORERS:
-            reason = _UNAVAILABLE_SCORERS[self.scorer]
-            raise ValueError(f"lemo.scorer={self.scorer!r}: {reason}; use 'oracle'")
         _check(self.scorer in SCORERS, f"lemo.scorer={self.scorer!r} is not one of {SCORERS}")
+        _check(
+            self.scorer != "predictor" or bool(self.predictor_path),
+            "lemo.scorer=predictor needs lemo.predictor_path=DIR "
+            "(predictors trained with scripts/train_predictor.py)",
+        )
         _check(
             self.score_reduction in ("sum", "mean"),
             f"lemo.score_reduction={self.score_reduction!r} is not 'sum' or 'mean'",

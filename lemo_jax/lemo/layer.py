@@ -45,6 +45,7 @@ class EliminationPlan:
     score_reduction: str = "sum"  # "sum" (paper eq. 2) or "mean" over causally visible queries
     kernels: str = "xla"  # implementation of the block scores: "xla" or "pallas"
     row_kernels: str = "xla"  # selective load and in-place residual add: "xla" or "pallas"
+    scorer: str = "oracle"  # "oracle" (paper eq. 2) or "predictor" (the model's predictors)
 
 
 def gather_rows(
@@ -99,14 +100,28 @@ def top_blocks(scores: Float[Array, "B M"], num_kept: int, keep_first: int) -> I
 
 
 def attention_token_ids(
-    layer, h: Float[Array, "B T D"], cos, sin, *, num_blocks: int, plan: EliminationPlan
+    layer,
+    h: Float[Array, "B T D"],
+    cos,
+    sin,
+    *,
+    num_blocks: int,
+    plan: EliminationPlan,
+    predictor=None,
+    index=None,
 ) -> Int[Array, "B R"]:
-    """Oracle selection (paper eq. 2) from the layer's own LoRA-adapted queries and keys."""
+    """The kept token ids of one layer: top blocks by the oracle (paper eq. 2, from the layer's
+    own LoRA-adapted queries and keys) or by `predictor(index, x)` (paper section 4.3)."""
     x = layer.attention_norm(jax.lax.stop_gradient(h))
-    query, key = layer.attention.rotated_query_key(x, cos, sin)
-    scores = block_scores(  # [B, M]
-        query, key, block_size=plan.block_size, causal=True, impl=plan.kernels
-    )
+    if plan.scorer == "predictor":
+        if predictor is None:
+            raise ValueError("plan.scorer='predictor' but the model has no predictors attached")
+        scores = jax.lax.stop_gradient(predictor(index, x))
+    else:
+        query, key = layer.attention.rotated_query_key(x, cos, sin)
+        scores = block_scores(  # [B, M]
+            query, key, block_size=plan.block_size, causal=True, impl=plan.kernels
+        )
     if plan.score_reduction == "mean":  # block n is seen by query blocks n .. M-1
         num_blocks_total = scores.shape[-1]
         scores = scores / (num_blocks_total - jnp.arange(num_blocks_total, dtype=scores.dtype))

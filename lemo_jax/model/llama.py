@@ -187,6 +187,8 @@ class Llama(nnx.Module):
             return DecoderLayer(config, lora, layer_rngs)
 
         self.layers = make_layers(rngs)
+        # LeMo's block-score predictors (`lemo_jax.lemo.predictor`), when a run uses them.
+        self.block_predictor = nnx.data(None)
         self.final_norm = RMSNorm(config.model_dim, eps=config.norm_eps, **dtypes)
         self.lm_head = (
             None
@@ -264,7 +266,14 @@ class Llama(nnx.Module):
             token_ids = None
             if group.attention_blocks is not None:
                 token_ids = attention_token_ids(
-                    layer_at(index), h, cos, sin, num_blocks=group.attention_blocks, plan=plan
+                    layer_at(index),
+                    h,
+                    cos,
+                    sin,
+                    num_blocks=group.attention_blocks,
+                    plan=plan,
+                    predictor=self.block_predictor,
+                    index=index,
                 )
             return update(h, index, key, token_ids), None
 

@@ -29,7 +29,12 @@ from lemo_jax.lemo.layer import EliminationPlan
 from lemo_jax.model.lora import trainable_filter
 from lemo_jax.train.observe import MetricsLog, compiled_memory_gib, peak_device_memory_gib
 from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lemo_jax.train.setup import build_model, check_run_directory, write_run_config
+from lemo_jax.train.setup import (
+    attach_predictors,
+    build_model,
+    check_run_directory,
+    write_run_config,
+)
 from lemo_jax.train.signals import StopRequest
 from lemo_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
@@ -166,6 +171,7 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
     directory = check_run_directory(config)
     lora = config.lora if train.method == "lora" else None
     model, tokenizer = build_model(config.model, lora, seq_len=train.seq_len, seed=train.seed)
+    attach_predictors(model, config.lemo)
     train_windows, validation_windows = prepare_data(
         config.data, tokenizer, train.seq_len, show_progress=show_progress
     )

@@ -14,7 +14,7 @@ from lemo_jax.model.llama import Llama
 from lemo_jax.model.lora import trainable_filter
 from lemo_jax.train.observe import compiled_memory_gib
 from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lemo_jax.train.setup import model_config_for
+from lemo_jax.train.setup import attach_predictors, model_config_for
 from lemo_jax.train.step import TrainState, make_train_step
 
 GIB = 2**30
@@ -26,7 +26,13 @@ def compiled_step_memory(config: RunConfig) -> dict:
     train = config.train
     lora = config.lora if train.method == "lora" else None
     model_config = model_config_for(config.model, seq_len=train.seq_len)
-    model = nnx.eval_shape(lambda: Llama(model_config, lora=lora, rngs=nnx.Rngs(0)))
+
+    def abstract_model():
+        model = Llama(model_config, lora=lora, rngs=nnx.Rngs(0))
+        attach_predictors(model, config.lemo, random_seed=0)
+        return model
+
+    model = nnx.eval_shape(abstract_model)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(lora), ...)
     optimizer = make_optimizer(train)
     state = TrainState(

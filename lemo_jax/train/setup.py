@@ -16,6 +16,8 @@ from lemo_jax.configs.registry import get_model_config
 from lemo_jax.configs.run import ModelSection, RunConfig
 from lemo_jax.errors import UserError
 from lemo_jax.io.load import load_pretrained, load_tokenizer, pretrained_config
+from lemo_jax.lemo.config import LemoConfig
+from lemo_jax.lemo.predictor import BlockScorePredictor, PredictorConfig, load_predictor
 from lemo_jax.model.llama import Llama
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -100,6 +102,29 @@ def build_model(
             f"{section.preset} has a vocabulary of {config.vocab_size}"
         )
     return model, tokenizer
+
+
+def predictor_config_for(model_config: ModelConfig, lemo: LemoConfig) -> PredictorConfig:
+    """The predictor shapes a model needs: head-dim chunks of the model dim, LeMo's blocks."""
+    return PredictorConfig(
+        num_layers=model_config.num_layers,
+        model_dim=model_config.model_dim,
+        chunk_dim=model_config.head_dim,
+        block_size=lemo.block_size,
+    )
+
+
+def attach_predictors(model: Llama, lemo: LemoConfig, *, random_seed: int | None = None) -> None:
+    """Gives `model` the block-score predictors a LeMo run with `lemo.scorer=predictor` needs:
+    those saved in `lemo.predictor_path`, or (with `random_seed`, for speed and memory work)
+    untrained ones of the right shape. Nothing for other runs."""
+    if not (lemo.enabled and lemo.scorer == "predictor"):
+        return
+    expected = predictor_config_for(model.config, lemo)
+    if random_seed is not None:
+        model.block_predictor = BlockScorePredictor(expected, nnx.Rngs(random_seed))
+    else:
+        model.block_predictor = load_predictor(lemo.predictor_path, expected=expected)
 
 
 def _byte_tokenizer():

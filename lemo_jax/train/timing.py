@@ -21,7 +21,7 @@ from lemo_jax.model.llama import Llama
 from lemo_jax.model.lora import trainable_filter
 from lemo_jax.train.observe import compiled_memory_gib, peak_device_memory_gib
 from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lemo_jax.train.setup import model_config_for
+from lemo_jax.train.setup import attach_predictors, model_config_for
 from lemo_jax.train.step import init_state, make_train_step
 
 GIB = 2**30
@@ -35,6 +35,7 @@ def measure_step_time(config: RunConfig, *, steps: int = 3, warmup: int = 1) -> 
     lora = config.lora if train.method == "lora" else None
     model_config = model_config_for(config.model, seq_len=train.seq_len)
     model = Llama(model_config, lora=lora, rngs=nnx.Rngs(train.seed))
+    attach_predictors(model, config.lemo, random_seed=train.seed)  # untrained: same cost
     optimizer = make_optimizer(train)
     graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
     del model

@@ -1,0 +1,184 @@
+"""Context-aware pattern prediction (paper section 4.3): per-layer block-score predictors.
+
+Per decoder layer, a Q and a K network, each three low-rank matrices with ReLU between,
+reading the layer's normalised input as the paper's artifact does: the [T, D] input is cut into
+D / chunk_dim chunks of `chunk_dim` features (no W_q / W_k applied), and each 64-token block's
+rows of a chunk are concatenated into one vector of block_size * chunk_dim values. Both
+networks map such a vector to a `rank`-dimensional embedding, with weights shared across
+chunks:
+
+    q_hat[m, c] = Q(x[block m, chunk c]),   k_hat[n, c] = K(x[block n, chunk c])
+    P[m, n]     = sum over chunks c of q_hat[m, c] . k_hat[n, c]        (query block m, key n)
+    score[n]    = sum over query blocks m >= n of P[m, n]               (causal, column sum)
+
+and the layer keeps the top-k blocks by `score`, as it would by the oracle's. The predictors
+are trained offline against the oracle scores with the base model frozen; in the model their
+output is under stop-gradient. All L layers' networks are stacked on a leading [L] axis, so a
+layer group's scan reads its layers' predictors by index, like the layers' own parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from lemo_jax.errors import UserError
+
+
+class PredictorParam(nnx.Variable):
+    """A predictor weight: not an `nnx.Param`, so a model carrying predictors never trains,
+    exports or counts them as its own parameters (they are frozen while fine-tuning)."""
+
+
+CONFIG_FILE = "predictor_config.json"
+WEIGHTS_FILE = "predictor.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorConfig:
+    """Shapes of a model's predictors; saved next to their weights and checked on load."""
+
+    num_layers: int
+    model_dim: int
+    chunk_dim: int  # the model's head dim in the paper's artifact
+    block_size: int = 64
+    rank: int = 128
+
+    def __post_init__(self):
+        if self.model_dim % self.chunk_dim:
+            raise ValueError(f"chunk_dim={self.chunk_dim} must divide model_dim={self.model_dim}")
+        for name in ("num_layers", "chunk_dim", "block_size", "rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"predictor {name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def block_features(self) -> int:
+        return self.block_size * self.chunk_dim
+
+
+class LowRankPath(nnx.Module):
+    """relu(relu(x W1) W2) W3 with W1 [F, r], W2 [r, F], W3 [F, r] (F = block features)."""
+
+    def __init__(self, features: int, rank: int, rngs: nnx.Rngs):
+        def init(shape, fan_in):
+            return PredictorParam(jax.random.normal(rngs.params(), shape) / np.sqrt(fan_in))
+
+        self.w1 = init((features, rank), features)
+        self.w2 = init((rank, features), rank)
+        self.w3 = init((features, rank), features)
+
+    def __call__(self, x: Float[Array, "... F"]) -> Float[Array, "... r"]:
+        dtype = x.dtype
+        hidden = jax.nn.relu(x @ self.w1[...].astype(dtype))
+        hidden = jax.nn.relu(hidden @ self.w2[...].astype(dtype))
+        return hidden @ self.w3[...].astype(dtype)
+
+
+class LayerPredictor(nnx.Module):
+    """One layer's Q and K networks."""
+
+    def __init__(self, config: PredictorConfig, rngs: nnx.Rngs):
+        self.query = LowRankPath(config.block_features, config.rank, rngs)
+        self.key = LowRankPath(config.block_features, config.rank, rngs)
+        self.config = config
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B M"]:
+        """Predicted key-block scores [B, M] from the layer's normalised input (T a multiple
+        of the block size)."""
+        blocks = block_chunks(x, self.config)  # [B, M, C, b * chunk]
+        q_hat, k_hat = self.query(blocks), self.key(blocks)  # [B, M, C, r]
+        pair = jnp.einsum("bmcr,bncr->bmn", q_hat, k_hat, preferred_element_type=jnp.float32)
+        num_blocks = pair.shape[1]
+        causal = jnp.tril(jnp.ones((num_blocks, num_blocks), bool))  # key n <= query m
+        return jnp.sum(jnp.where(causal, pair, 0.0), axis=1)
+
+
+def block_chunks(x: Float[Array, "B T D"], config: PredictorConfig) -> Float[Array, "B M C F"]:
+    """[B, T, D] -> [B, M, C, block_size * chunk_dim]: each block's rows of each chunk, joined."""
+    batch, length, dim = x.shape
+    if length % config.block_size or dim != config.model_dim:
+        raise ValueError(
+            f"predictor input {x.shape} needs T a multiple of {config.block_size} and "
+            f"D = {config.model_dim}"
+        )
+    num_chunks = dim // config.chunk_dim
+    blocks = x.reshape(batch, length // config.block_size, config.block_size, num_chunks, -1)
+    return blocks.transpose(0, 1, 3, 2, 4).reshape(
+        batch, length // config.block_size, num_chunks, config.block_features
+    )
+
+
+class BlockScorePredictor(nnx.Module):
+    """All layers' predictors, stacked on a leading [L] axis (`layer(index)` merges one)."""
+
+    def __init__(self, config: PredictorConfig, rngs: nnx.Rngs):
+        self.config = config
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(layer_rngs: nnx.Rngs) -> LayerPredictor:
+            return LayerPredictor(config, layer_rngs)
+
+        self.layers = make(rngs)
+
+    def layer(self, index) -> LayerPredictor:
+        """Layer `index`'s predictor (index may be traced, as inside a scan)."""
+        graphdef, state = nnx.split(self.layers)
+        state = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, 0, False), state)
+        return nnx.merge(graphdef, state)
+
+    def __call__(self, index, x: Float[Array, "B T D"]) -> Float[Array, "B M"]:
+        return self.layer(index)(x)
+
+
+def save_predictor(predictor: BlockScorePredictor, directory: str | Path) -> Path:
+    """Writes the config (JSON) and the stacked weights (safetensors) into `directory`."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {
+        ".".join(str(part) for part in path): np.asarray(variable.get_value())
+        for path, variable in nnx.to_flat_state(nnx.state(predictor, PredictorParam))
+    }
+    save_file(weights, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(predictor.config)))
+    return directory
+
+
+def load_predictor(directory: str | Path, *, expected: PredictorConfig) -> BlockScorePredictor:
+    """The predictors saved in `directory`; a `UserError` (one line) if there are none or they
+    were made for another model shape than `expected`."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise UserError(
+            f"lemo.predictor_path={str(directory)!r} holds no predictors "
+            f"({CONFIG_FILE} and {WEIGHTS_FILE}); train them with scripts/train_predictor.py"
+        )
+    try:
+        saved = PredictorConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{directory / CONFIG_FILE} is not a predictor config: {error}") from None
+    if saved != expected:
+        raise UserError(
+            f"the predictors in {directory} were made for {saved}, but this run needs {expected}"
+        )
+    predictor = nnx.eval_shape(lambda: BlockScorePredictor(saved, nnx.Rngs(0)))
+    weights = load_file(str(directory / WEIGHTS_FILE))
+    state = nnx.state(predictor, PredictorParam)
+    for path, variable in nnx.to_flat_state(state):
+        name = ".".join(str(part) for part in path)
+        if name not in weights or weights[name].shape != variable.get_value().shape:
+            raise UserError(f"{directory / WEIGHTS_FILE} lacks {name} of the expected shape")
+        variable.set_value(jnp.asarray(weights[name]))
+    nnx.update(predictor, state)
+    return predictor

@@ -1,0 +1,216 @@
+"""Block-score predictors (paper section 4.3): shapes, block causality, save/load."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lemo_jax.configs.overrides import apply_overrides
+from lemo_jax.configs.runs import get_run_config
+from lemo_jax.data.pipeline import prepare_data
+from lemo_jax.errors import UserError
+from lemo_jax.lemo.budgets import layer_budgets
+from lemo_jax.lemo.layer import top_blocks
+from lemo_jax.lemo.predictor import (
+    BlockScorePredictor,
+    PredictorConfig,
+    block_chunks,
+    load_predictor,
+    save_predictor,
+)
+from lemo_jax.lemo.predictor_training import layer_recall, oracle_batch
+from lemo_jax.train.setup import build_model, predictor_config_for
+
+ROOT = Path(__file__).parents[1]
+
+CONFIG = PredictorConfig(num_layers=3, model_dim=32, chunk_dim=8, block_size=16, rank=4)
+
+
+def _input(batch=2, length=128, seed=0):
+    return jax.random.normal(jax.random.key(seed), (batch, length, CONFIG.model_dim))
+
+
+def test_block_chunks_join_each_blocks_rows_of_a_chunk():
+    x = jnp.arange(2 * 32 * 32, dtype=jnp.float32).reshape(2, 32, 32)
+    chunks = block_chunks(x, CONFIG)  # [B, M=2, C=4, 16 * 8]
+    assert chunks.shape == (2, 2, 4, 128)
+    # Block 1, chunk 2: rows 16..31, features 16..23, row after row.
+    expected = x[1, 16:32, 16:24].reshape(-1)
+    np.testing.assert_array_equal(chunks[1, 1, 2], expected)
+
+
+def test_scores_shape_and_block_causality():
+    predictor = BlockScorePredictor(CONFIG, nnx.Rngs(0))
+    x = _input()
+    scores = predictor(1, x)
+    assert scores.shape == (2, 8) and scores.dtype == jnp.float32
+    # Changing block 5's input changes P[m, n] only where m or n is 5: key blocks after 5
+    # (n = 6, 7) sum over query blocks m >= n, none of them block 5.
+    changed = x.at[:, 5 * 16 : 6 * 16].add(3.0)
+    new_scores = predictor(1, changed)
+    np.testing.assert_array_equal(new_scores[:, 6:], scores[:, 6:])
+    assert not np.allclose(new_scores[:, :6], scores[:, :6])
+    # The last key block is seen only by itself: score[M-1] = P[M-1, M-1].
+    layer = predictor.layer(1)
+    blocks = block_chunks(x, CONFIG)
+    q_hat, k_hat = layer.query(blocks[:, -1]), layer.key(blocks[:, -1])  # [B, C, r]
+    np.testing.assert_allclose(scores[:, -1], jnp.sum(q_hat * k_hat, axis=(1, 2)), rtol=1e-5)
+
+
+def test_layers_are_independent_and_indexable_inside_a_scan():
+    predictor = BlockScorePredictor(CONFIG, nnx.Rngs(0))
+    x = _input()
+    direct = [predictor(index, x) for index in range(CONFIG.num_layers)]
+    assert not np.allclose(direct[0], direct[1])
+
+    def body(carry, index):
+        return carry, predictor(index, x)
+
+    _, scanned = jax.lax.scan(body, 0, jnp.arange(CONFIG.num_layers))
+    np.testing.assert_allclose(scanned, jnp.stack(direct), rtol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path):
+    predictor = BlockScorePredictor(CONFIG, nnx.Rngs(3))
+    save_predictor(predictor, tmp_path / "predictors")
+    loaded = load_predictor(tmp_path / "predictors", expected=CONFIG)
+    x = _input()
+    np.testing.assert_array_equal(loaded(2, x), predictor(2, x))
+
+
+def test_missing_or_mismatched_predictors_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="holds no predictors") as error:
+        load_predictor(tmp_path / "nothing", expected=CONFIG)
+    assert "\n" not in str(error.value)
+    save_predictor(BlockScorePredictor(CONFIG, nnx.Rngs(0)), tmp_path / "p")
+    other = dataclasses.replace(CONFIG, num_layers=4)
+    with pytest.raises(UserError, match="were made for") as error:
+        load_predictor(tmp_path / "p", expected=other)
+    assert "\n" not in str(error.value)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="must divide model_dim"):
+        PredictorConfig(num_layers=1, model_dim=30, chunk_dim=8)
+    with pytest.raises(ValueError, match="rank must be positive"):
+        PredictorConfig(num_layers=1, model_dim=32, chunk_dim=8, rank=0)
+
+
+TINY_ARGS = [
+    "--config",
+    "tiny",
+    "--set",
+    "train.seq_len=512",
+    "--set",
+    "lemo.block_size=16",
+    "--set",
+    "lemo.schedule=uniform:0.25",
+]
+
+
+def _run(script: str, tmp_path, *extra) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "scripts" / script), *TINY_ARGS]
+    command += ["--set", f"data.cache_dir={tmp_path / 'cache'}", *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+
+def _train_script(tmp_path, *extra):
+    return _run(
+        "train_predictor.py",
+        tmp_path,
+        "--out",
+        str(tmp_path / "predictors"),
+        "--no-progress",
+        *extra,
+    )
+
+
+def _random_scorer_recall(budgets, batch, keep_first) -> float:
+    recalls = []
+    for layer, kept in enumerate(budgets.attention_blocks):
+        if kept >= budgets.num_blocks:
+            continue
+        noise = jax.random.uniform(jax.random.key(layer), batch.scores[layer].shape)
+        chosen = top_blocks(noise, kept, keep_first)
+        truth = top_blocks(batch.scores[layer], kept, keep_first)
+        hits = jnp.sum(chosen[:, :, None] == truth[:, None, :], axis=(1, 2))
+        recalls.append(float(jnp.mean(hits / kept)))
+    return sum(recalls) / len(recalls)
+
+
+def test_trained_predictor_beats_a_random_scorer_and_resumes(tmp_path):
+    result = _train_script(tmp_path, "--steps", "120", "--checkpoint-every", "60")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "predictors" / "recall.json").read_text())
+    assert report["step"] == 120 and set(report["per_layer"]) == {"0", "1"}
+    # The random scorer on the same validation windows, at the same budgets.
+    config = apply_overrides(get_run_config("tiny"), [a for a in TINY_ARGS[3::2]])
+    model, tokenizer = build_model(config.model, None, seq_len=512, seed=config.train.seed)
+    _, validation = prepare_data(config.data, tokenizer, 512)
+    budgets = layer_budgets(config.lemo, model.config.num_layers, 512)
+    batch = oracle_batch(model, jnp.asarray(validation.batch([0])), block_size=16, kernels="xla")
+    random_recall = _random_scorer_recall(budgets, batch, config.lemo.keep_first_blocks)
+    assert report["mean_recall"] > random_recall + 0.2, (report, random_recall)
+    # The saved predictors are what the report measured.
+    predictor = load_predictor(
+        tmp_path / "predictors", expected=predictor_config_for(model.config, config.lemo)
+    )
+    windows = range(report["validation_windows"])
+    recalls = [
+        layer_recall(
+            predictor,
+            oracle_batch(model, jnp.asarray(validation.batch([i])), block_size=16, kernels="xla"),
+            budgets,
+            config.lemo.keep_first_blocks,
+        )
+        for i in windows
+    ]
+    for layer in (0, 1):
+        mean = sum(recall[layer] for recall in recalls) / len(recalls)
+        assert mean == pytest.approx(report["per_layer"][str(layer)], abs=1e-6)
+    # Asking for more steps resumes from the last checkpoint.
+    result = _train_script(tmp_path, "--steps", "130")
+    assert result.returncode == 0, result.stderr
+    assert "resumed from step 120" in result.stderr
+    assert json.loads((tmp_path / "predictors" / "recall.json").read_text())["step"] == 130
+
+    # Fine-tuning with the predictors runs; missing or mismatched ones are one-line errors.
+    predictors = tmp_path / "predictors"
+    finetune = ["--set", "lemo.enabled=true", "--set", "lemo.scorer=predictor"]
+    finetune += ["--set", "train.steps=2", "--set", "export_after=false"]
+    ok = _run(
+        "finetune.py",
+        tmp_path,
+        *finetune,
+        "--set",
+        f"lemo.predictor_path={predictors}",
+        "--set",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    assert ok.returncode == 0, ok.stderr
+    other_model = tmp_path / "other_model"  # predictors of a 4-layer model
+    other_model.mkdir()
+    saved = json.loads((predictors / "predictor_config.json").read_text())
+    (other_model / "predictor_config.json").write_text(json.dumps(dict(saved, num_layers=4)))
+    (other_model / "predictor.safetensors").write_bytes(
+        (predictors / "predictor.safetensors").read_bytes()
+    )
+    for index, (overrides, message) in enumerate(
+        [
+            ([f"lemo.predictor_path={tmp_path / 'nothing'}"], "holds no predictors"),
+            ([f"lemo.predictor_path={other_model}"], "were made for"),
+        ]
+    ):
+        sets = [part for override in overrides for part in ("--set", override)]
+        output = ["--set", f"output_dir={tmp_path / f'failed{index}'}"]
+        failed = _run("finetune.py", tmp_path, *finetune, *sets, *output)
+        assert failed.returncode == 2, failed.stderr
+        last = failed.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, last
