@@ -11,13 +11,20 @@ Each measurement prints one JSON line per mode and length:
 - `step-time` runs real steps on random weights of the configuration's shape (GPU): the best and
   median step time over `--steps` timed steps after one warm-up step, tokens/s, the peak device
   memory and the compiled estimate. Each mode and length runs in its own process, so every peak
-  is that configuration's alone; one that runs out of memory is reported as such.
+  is that configuration's alone; one that runs out of memory is reported as such. A Markdown
+  table with each mode's median step time and peak against `hf_peft`'s and `dense`'s follows
+  the JSON lines.
+
+Modes: `dense` and `lemo` are ours (LeMo off / on, everything else from the configuration);
+`hf_peft` is the peer users run today, transformers + PEFT with the same shape, LoRA, remat
+(gradient checkpointing) and optimizer (`lemo_jax.train.peer`), step-time only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -29,7 +36,7 @@ from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.errors import UserError, run_cli
 from lemo_jax.train.memory import compiled_step_memory
 
-MODES = ("dense", "lemo")
+MODES = ("hf_peft", "dense", "lemo")
 MEASURES = ("compiled-memory", "step-time")
 
 
@@ -58,8 +65,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise UserError(f"--modes: unknown {unknown or modes}; choose from {', '.join(MODES)}")
+    if args.measure == "compiled-memory" and "hf_peft" in modes:
+        raise UserError("--modes hf_peft has no compiled program; use --measure step-time")
+    if args.measure == "step-time":
+        # Peaks are per process and the peer needs the device too: JAX must not reserve 75% of
+        # the device up front (this must happen before JAX first touches the GPU).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     base = run_config_from_args(args)
     lengths = parse_lengths(args.seq_lens)
+    rows = []
     for seq_len in lengths:
         for mode in modes:
             config = apply_overrides(
@@ -75,16 +89,64 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.measure == "compiled-memory":
                 row.update(device=jax.devices()[0].device_kind, **compiled_step_memory(config))
             elif args.in_process or len(lengths) * len(modes) == 1:
-                from lemo_jax.train.timing import measure_step_time
-
-                row.update(device=jax.devices()[0].device_kind)
-                row.update(measure_step_time(config, steps=args.steps))
+                row.update(_measure_steps(config, mode, args.steps))
             else:
                 row.update(_in_child_process(args, seq_len, mode))
+            rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.measure == "step-time":
+        print("\n" + markdown_table(rows))
     print(
         f"done: {len(modes)} modes x {len(parse_lengths(args.seq_lens))} lengths", file=sys.stderr
     )
+
+
+def _measure_steps(config, mode: str, steps: int) -> dict:
+    if mode == "hf_peft":
+        from lemo_jax.train.peer import measure_hf_peft_step_time
+
+        return measure_hf_peft_step_time(config, steps=steps)
+    from lemo_jax.train.timing import measure_step_time
+
+    return dict(device=jax.devices()[0].device_kind, **measure_step_time(config, steps=steps))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Median step time, tokens/s and peak per (length, mode), with ratios to `hf_peft`'s time
+    and `dense`'s peak at the same length where those were measured."""
+
+    def value(row, key):
+        return None if "error" in row else row.get(key)
+
+    lines = [
+        "| tokens | mode | median step (s) | tokens/s | peak (GiB) | compile (s) "
+        "| time / hf_peft | peak / dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        same = {r["mode"]: r for r in rows if r["seq_len"] == row["seq_len"]}
+        step, peak = value(row, "median_step_s"), value(row, "peak_gib")
+        peer_step = value(same["hf_peft"], "median_step_s") if "hf_peft" in same else None
+        dense_peak = value(same["dense"], "peak_gib") if "dense" in same else None
+
+        def fmt(number, pattern):
+            return "-" if number is None else pattern.format(number)
+
+        time_ratio = step / peer_step if step and peer_step else None
+        peak_ratio = peak / dense_peak if peak and dense_peak else None
+        tokens_per_step = value(row, "tokens_per_s") and row["tokens_per_s"] * row["step_s"]
+        tokens = tokens_per_step / step if step and tokens_per_step else None
+        lines.append(
+            f"| {row['seq_len']:,} | {row['mode']} | "
+            + (
+                f"{row['error']} | - | - | - | - | - |"
+                if "error" in row
+                else f"{fmt(step, '{:.3f}')} | {fmt(tokens, '{:,.0f}')} | {fmt(peak, '{:.2f}')} | "
+                f"{fmt(value(row, 'compile_s'), '{:.1f}')} | {fmt(time_ratio, '{:.2f}')} | "
+                f"{fmt(peak_ratio, '{:.2f}')} |"
+            )
+        )
+    return "\n".join(lines)
 
 
 def _in_child_process(args: argparse.Namespace, seq_len: int, mode: str) -> dict:

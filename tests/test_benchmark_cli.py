@@ -1,6 +1,7 @@
 """scripts/benchmark.py --measure compiled-memory: JSON lines, LeMo below dense."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_step_time_report_runs_each_configuration_in_its_own_process():
         "--seq-lens",
         "256",
         "--modes",
-        "dense,lemo",
+        "hf_peft,dense,lemo",
         "--measure",
         "step-time",
         "--steps",
@@ -71,18 +72,26 @@ def test_step_time_report_runs_each_configuration_in_its_own_process():
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [(row["mode"], row["seq_len"]) for row in rows] == [("dense", 256), ("lemo", 256)]
-    dense, lemo = rows
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(row["mode"], row["seq_len"]) for row in rows] == [
+        ("hf_peft", 256),
+        ("dense", 256),
+        ("lemo", 256),
+    ]
+    peer, dense, lemo = rows
     for row in rows:
         assert "error" not in row, row
         assert 0 < row["step_s"] <= row["median_step_s"]
         assert row["tokens_per_s"] == 256 / row["step_s"]
-        assert row["compiled_gib"] > 0
-    assert dense["kept_fraction"] == 1.0 and lemo["kept_fraction"] == 0.5
+        # Random weights of the same shape: the first losses are near ln(vocabulary).
+        assert abs(row["loss"] - math.log(512)) < 0.5, row
+    assert "peft" in peer["implementation"] and peer["device"] == "cpu"
+    assert dense["compiled_gib"] > 0 and dense["kept_fraction"] == 1.0
+    assert lemo["kept_fraction"] == 0.5
     assert lemo["layer_groups"] == 1 and lemo["temp_gib"] < dense["temp_gib"]
-    # Same weights, same tokens: the first losses agree to LeMo's effect on a random model.
-    assert abs(lemo["loss"] - dense["loss"]) < 0.5
+    table = result.stdout[result.stdout.index("| tokens | mode |") :].splitlines()
+    assert len(table) == 2 + 3 and table[2].startswith("| 256 | hf_peft | ")
+    assert table[2].split("|")[7].strip() == "1.00"  # hf_peft against itself
 
 
 def test_kernel_benchmark_reports_ceilings_and_fractions():
@@ -107,3 +116,13 @@ def test_kernel_benchmark_reports_ceilings_and_fractions():
     row = lines[1]
     assert (row["op"], row["impl"], row["seq_len"]) == ("block_scores", "xla", 256)
     assert row["ms"] > 0 and row["fraction_of_ceiling"] > 0
+
+
+def test_the_peer_has_no_compiled_memory():
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", "tiny"]
+    command += ["--seq-lens", "256", "--modes", "hf_peft,dense", "--measure", "compiled-memory"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --modes hf_peft has no compiled program; use --measure step-time"
+    )
