@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--modes", default="dense,lemo", help="comma-separated: dense, lemo")
     parser.add_argument("--measure", default="compiled-memory", choices=MEASURES)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (step-time)")
+    parser.add_argument("--plot", help="step-time: write step time and peak against tokens (PNG)")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     add_run_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -96,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
     if args.measure == "step-time":
         print("\n" + markdown_table(rows))
+        if args.plot:
+            print(f"plot: {plot_rows(rows, args.plot)}", file=sys.stderr)
     print(
         f"done: {len(modes)} modes x {len(parse_lengths(args.seq_lens))} lengths", file=sys.stderr
     )
@@ -147,6 +150,40 @@ def markdown_table(rows: list[dict]) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def plot_rows(rows: list[dict], path: str) -> str:
+    """Median step time and peak memory against tokens, one line per mode (PNG at `path`)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in dict.fromkeys(row["mode"] for row in rows):
+        measured = [r for r in rows if r["mode"] == mode and "error" not in r]
+        tokens = [r["seq_len"] for r in measured]
+        time_axis.plot(tokens, [r["median_step_s"] for r in measured], marker="o", label=mode)
+        memory = [r.get("peak_gib") or r.get("compiled_gib") for r in measured]
+        points = [(t, m) for t, m in zip(tokens, memory, strict=True) if m is not None]
+        if points:
+            memory_axis.plot(*zip(*points, strict=True), marker="o", label=mode)
+    device = next((r["device"] for r in rows if "device" in r), "")
+    measured_peaks = any(r.get("peak_gib") for r in rows)
+    memory_label = "peak memory (GiB)" if measured_peaks else "compiled memory estimate (GiB)"
+    for axis, label in ((time_axis, "median step time (s)"), (memory_axis, memory_label)):
+        axis.set_xlabel("tokens per sequence")
+        axis.set_ylabel(label)
+        axis.set_xscale("log", base=2)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{rows[0]['config']} on {device}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def _in_child_process(args: argparse.Namespace, seq_len: int, mode: str) -> dict:

@@ -51,7 +51,7 @@ def test_bad_lengths_are_one_line_errors():
     assert result.stderr.strip().startswith("error: --seq-lens expects")
 
 
-def test_step_time_report_runs_each_configuration_in_its_own_process():
+def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
     command = [
         sys.executable,
         str(ROOT / "scripts" / "benchmark.py"),
@@ -69,9 +69,12 @@ def test_step_time_report_runs_each_configuration_in_its_own_process():
         "lemo.schedule=uniform:0.5",
         "--set",
         "lemo.block_size=16",
+        "--plot",
+        str(tmp_path / "steps.png"),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
+    assert (tmp_path / "steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [(row["mode"], row["seq_len"]) for row in rows] == [
         ("hf_peft", 256),
