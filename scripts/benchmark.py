@@ -15,6 +15,11 @@ Each measurement prints one JSON line per mode and length:
   table with each mode's median step time and peak against `hf_peft`'s and `dense`'s follows
   the JSON lines.
 
+- `max-context` finds, per mode, the longest sequence (a multiple of --context-step tokens, up to
+  the largest of --seq-lens) whose training step runs: a bisection whose probes each run one
+  real step in a fresh process. For our modes a probe whose compiled memory already exceeds
+  the device's (or --memory-limit-gib) fails without running.
+
 Modes: `dense` and `lemo` are ours (LeMo off / on, everything else from the configuration);
 `hf_peft` is the peer users run today, transformers + PEFT with the same shape, LoRA, remat
 (gradient checkpointing) and optimizer (`lemo_jax.train.peer`), step-time only.
@@ -37,7 +42,7 @@ from lemo_jax.errors import UserError, run_cli
 from lemo_jax.train.memory import compiled_step_memory
 
 MODES = ("hf_peft", "dense", "lemo")
-MEASURES = ("compiled-memory", "step-time")
+MEASURES = ("compiled-memory", "step-time", "max-context")
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -57,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--measure", default="compiled-memory", choices=MEASURES)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (step-time)")
     parser.add_argument("--plot", help="step-time: write step time and peak against tokens (PNG)")
+    parser.add_argument("--context-step", type=int, default=4096, help="max-context granularity")
+    parser.add_argument(
+        "--memory-limit-gib", type=float, help="max-context: memory budget (default: the device's)"
+    )
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     add_run_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -68,11 +77,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--modes: unknown {unknown or modes}; choose from {', '.join(MODES)}")
     if args.measure == "compiled-memory" and "hf_peft" in modes:
         raise UserError("--modes hf_peft has no compiled program; use --measure step-time")
-    if args.measure == "step-time":
+    if args.measure != "compiled-memory":
         # Peaks are per process and the peer needs the device too: JAX must not reserve 75% of
-        # the device up front (this must happen before JAX first touches the GPU).
+        # the device up front (this must happen before JAX first touches the GPU), and the
+        # longest context may use nearly all of it.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    if args.context_step < 64 or args.context_step % 64:
+        raise UserError(
+            f"--context-step must be a positive multiple of 64, got {args.context_step}"
+        )
     base = run_config_from_args(args)
+    if args.measure == "max-context" and not args.in_process:
+        for mode in modes:
+            row = dict(config=args.config, mode=mode, measure=args.measure)
+            row.update(overrides=args.overrides, **_max_context(args, base, mode))
+            print(json.dumps(row), flush=True)
+        return
     lengths = parse_lengths(args.seq_lens)
     rows = []
     for seq_len in lengths:
@@ -89,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             if args.measure == "compiled-memory":
                 row.update(device=jax.devices()[0].device_kind, **compiled_step_memory(config))
+            elif args.measure == "max-context":  # one probe, in its own process
+                row.update(_measure_steps(config, mode, steps=1, warmup=0))
             elif args.in_process or len(lengths) * len(modes) == 1:
                 row.update(_measure_steps(config, mode, args.steps))
             else:
@@ -104,14 +127,58 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
 
-def _measure_steps(config, mode: str, steps: int) -> dict:
+def _measure_steps(config, mode: str, steps: int, warmup: int = 1) -> dict:
     if mode == "hf_peft":
         from lemo_jax.train.peer import measure_hf_peft_step_time
 
-        return measure_hf_peft_step_time(config, steps=steps)
+        return measure_hf_peft_step_time(config, steps=steps, warmup=warmup)
     from lemo_jax.train.timing import measure_step_time
 
-    return dict(device=jax.devices()[0].device_kind, **measure_step_time(config, steps=steps))
+    measured = measure_step_time(config, steps=steps, warmup=warmup)
+    return dict(device=jax.devices()[0].device_kind, **measured)
+
+
+def _memory_limit_gib(args: argparse.Namespace) -> float | None:
+    if args.memory_limit_gib is not None:
+        return args.memory_limit_gib
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["bytes_limit"] / 2**30 if "bytes_limit" in stats else None
+
+
+def _max_context(args: argparse.Namespace, base, mode: str) -> dict:
+    """Bisection over multiples of --context-step for the longest length whose step runs."""
+    unit, limit = args.context_step, _memory_limit_gib(args)
+    probes = []
+
+    def runs(units: int) -> bool:
+        seq_len = units * unit
+        config = apply_overrides(
+            base, [f"train.seq_len={seq_len}", f"lemo.enabled={mode == 'lemo'}"]
+        )
+        if mode != "hf_peft" and limit is not None:
+            estimate = compiled_step_memory(config)["total_gib"]
+            if estimate > limit:
+                probes.append(dict(seq_len=seq_len, fits=False, compiled_gib=estimate))
+                return False
+        result = _in_child_process(args, seq_len, mode)
+        ok = "error" not in result
+        kept = {key: result[key] for key in ("peak_gib", "step_s", "error") if key in result}
+        probes.append(dict(seq_len=seq_len, fits=ok, **kept))
+        return ok
+
+    low, high = 0, max(parse_lengths(args.seq_lens)) // unit
+    while low < high:  # invariant: low units run (0 trivially), more than high do not
+        middle = (low + high + 1) // 2
+        if runs(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return dict(
+        max_tokens=low * unit,
+        searched_up_to=max(parse_lengths(args.seq_lens)),
+        memory_limit_gib=limit,
+        probes=probes,
+    )
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -190,6 +257,8 @@ def _in_child_process(args: argparse.Namespace, seq_len: int, mode: str) -> dict
     """One step-time measurement in a fresh process: the device's peak memory is per process."""
     command = [sys.executable, __file__, "--config", args.config, "--measure", args.measure]
     command += ["--seq-lens", str(seq_len), "--modes", mode, "--steps", str(args.steps)]
+    if args.measure == "max-context":
+        command.append("--in-process")
     for override in args.overrides:
         command += ["--set", override]
     result = subprocess.run(command, capture_output=True, text=True)

@@ -129,3 +129,21 @@ def test_the_peer_has_no_compiled_memory():
     assert result.stderr.strip() == (
         "error: --modes hf_peft has no compiled program; use --measure step-time"
     )
+
+
+def test_max_context_bisects_to_the_longest_step_that_fits():
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", "tiny"]
+    command += ["--seq-lens", "8192", "--context-step", "1024", "--modes", "dense,lemo"]
+    command += ["--measure", "max-context", "--memory-limit-gib", "0.05"]
+    command += ["--set", "lemo.schedule=uniform:0.25", "--set", "lemo.block_size=16"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    dense, lemo = (json.loads(line) for line in result.stdout.splitlines())
+    for row in (dense, lemo):
+        fitting = [p["seq_len"] for p in row["probes"] if p["fits"]]
+        failing = [p["seq_len"] for p in row["probes"] if not p["fits"]]
+        assert row["max_tokens"] == max(fitting, default=0)
+        assert all(length > row["max_tokens"] for length in failing)
+        assert row["max_tokens"] + 1024 in failing or row["max_tokens"] == 8192
+    # At a quarter of the tokens kept, LeMo fits longer sequences in the same budget.
+    assert lemo["max_tokens"] > dense["max_tokens"]
