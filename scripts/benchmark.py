@@ -9,11 +9,12 @@ Each measurement prints one JSON line per mode and length:
   it runs on a CPU for any model size) and reports the compiled step's `memory_analysis()`
   figures in GiB and the compile time.
 - `step-time` runs real steps on random weights of the configuration's shape (GPU): the best and
-  median step time over `--steps` timed steps after one warm-up step, tokens/s, the peak device
-  memory and the compiled estimate. Each mode and length runs in its own process, so every peak
-  is that configuration's alone; one that runs out of memory is reported as such. A Markdown
-  table with each mode's median step time and peak against `hf_peft`'s and `dense`'s follows
-  the JSON lines.
+  median step time over `--steps` timed steps after one warm-up step, tokens/s, model TFLOP/s
+  (the dense model's FLOPs, `lemo_jax.train.timing.model_flops_per_step`, over the median), the
+  peak device memory and the compiled estimate. Each mode and length runs in its own process,
+  so every peak is that configuration's alone; one that runs out of memory is reported as such.
+  A Markdown table with each mode's median step time and peak against `hf_peft`'s and
+  `dense`'s follows the JSON lines (and `--plot FILE.png` draws them against tokens).
 
 - `max-context` finds, per mode, the longest sequence (a multiple of --context-step tokens, up to
   the largest of --seq-lens) whose training step runs: a bisection whose probes each run one
@@ -40,6 +41,7 @@ from lemo_jax.configs.cli import add_run_config_arguments, run_config_from_args
 from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.errors import UserError, run_cli
 from lemo_jax.train.memory import compiled_step_memory
+from lemo_jax.train.timing import model_flops_per_step
 
 MODES = ("hf_peft", "dense", "lemo")
 MEASURES = ("compiled-memory", "step-time", "max-context")
@@ -116,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row.update(_measure_steps(config, mode, args.steps))
             else:
                 row.update(_in_child_process(args, seq_len, mode))
+            if args.measure == "step-time" and "median_step_s" in row:
+                row["model_tflops"] = model_flops_per_step(config) / row["median_step_s"] / 1e12
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.measure == "step-time":
@@ -189,9 +193,9 @@ def markdown_table(rows: list[dict]) -> str:
         return None if "error" in row else row.get(key)
 
     lines = [
-        "| tokens | mode | median step (s) | tokens/s | peak (GiB) | compile (s) "
+        "| tokens | mode | median step (s) | tokens/s | model TFLOP/s | peak (GiB) | compile (s) "
         "| time / hf_peft | peak / dense |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         same = {r["mode"]: r for r in rows if r["seq_len"] == row["seq_len"]}
@@ -209,9 +213,10 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['seq_len']:,} | {row['mode']} | "
             + (
-                f"{row['error']} | - | - | - | - | - |"
+                f"{row['error']} | - | - | - | - | - | - |"
                 if "error" in row
-                else f"{fmt(step, '{:.3f}')} | {fmt(tokens, '{:,.0f}')} | {fmt(peak, '{:.2f}')} | "
+                else f"{fmt(step, '{:.3f}')} | {fmt(tokens, '{:,.0f}')} | "
+                f"{fmt(value(row, 'model_tflops'), '{:.1f}')} | {fmt(peak, '{:.2f}')} | "
                 f"{fmt(value(row, 'compile_s'), '{:.1f}')} | {fmt(time_ratio, '{:.2f}')} | "
                 f"{fmt(peak_ratio, '{:.2f}')} |"
             )

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -94,7 +96,11 @@ def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
     assert lemo["layer_groups"] == 1 and lemo["temp_gib"] < dense["temp_gib"]
     table = result.stdout[result.stdout.index("| tokens | mode |") :].splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| 256 | hf_peft | ")
-    assert table[2].split("|")[7].strip() == "1.00"  # hf_peft against itself
+    assert table[2].split("|")[8].strip() == "1.00"  # hf_peft against itself
+    for row in rows:  # the same dense FLOPs for every mode
+        assert row["model_tflops"] * row["median_step_s"] == pytest.approx(
+            rows[0]["model_tflops"] * rows[0]["median_step_s"]
+        )
 
 
 def test_kernel_benchmark_reports_ceilings_and_fractions():

@@ -27,6 +27,23 @@ from lemo_jax.train.step import init_state, make_train_step
 GIB = 2**30
 
 
+def model_flops_per_step(config: RunConfig) -> float:
+    """The dense model's training FLOPs for one step, the same for every mode (LeMo's tokens/s
+    then read as dense-equivalent work): matmuls of the linear layers and LM head (forward and
+    input gradients; weight gradients too in full fine-tuning; LoRA's are negligible) plus causal
+    attention (forward 2 T^2 N H per layer, backward twice that). Recomputation is not counted."""
+    train = config.train
+    model = model_config_for(config.model, seq_len=train.seq_len)
+    D, F, V = model.model_dim, model.mlp_dim, model.vocab_size
+    attention_width = model.num_heads * model.head_dim
+    per_layer = 2 * D * attention_width + 2 * D * model.num_kv_heads * model.head_dim + 3 * D * F
+    linear = model.num_layers * per_layer + D * V
+    tokens = train.grad_accum * train.batch_size * train.seq_len
+    passes = 6 if train.method == "full" else 4
+    attention = 6 * model.num_layers * train.seq_len**2 * attention_width
+    return passes * linear * tokens + attention * train.grad_accum * train.batch_size
+
+
 def measure_step_time(config: RunConfig, *, steps: int = 3, warmup: int = 1) -> dict:
     """Times `steps` training steps; returns seconds (best and median), tokens/s at the best
     step, the compile time, the compiled step's memory estimate and the peak device memory
