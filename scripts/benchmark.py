@@ -22,6 +22,8 @@ Each measurement prints one JSON line per mode and length:
   the device's (or --memory-limit-gib) fails without running.
 
 Modes: `dense` and `lemo` are ours (LeMo off / on, everything else from the configuration);
+`lemo_predictor` is LeMo with the predictor scorer (untrained predictors of the right shape
+when `lemo.predictor_path` is not set: the same cost);
 `hf_peft` is the peer users run today, transformers + PEFT with the same shape, LoRA, remat
 (gradient checkpointing) and optimizer (`lemo_jax.train.peer`), step-time only.
 """
@@ -43,7 +45,22 @@ from lemo_jax.errors import UserError, run_cli
 from lemo_jax.train.memory import compiled_step_memory
 from lemo_jax.train.timing import model_flops_per_step
 
-MODES = ("hf_peft", "dense", "lemo")
+MODES = ("hf_peft", "dense", "lemo", "lemo_predictor")
+
+
+def mode_config(base, mode: str, seq_len: int):
+    """`base` at `seq_len` tokens with the mode's LeMo settings (hf_peft reads only the shape,
+    LoRA, remat and optimizer)."""
+    overrides = [f"train.seq_len={seq_len}", f"lemo.enabled={mode.startswith('lemo')}"]
+    if mode == "lemo_predictor":
+        overrides.append("lemo.scorer=predictor")
+        if not base.lemo.predictor_path:
+            # Speed and memory need only the predictors' shapes: without a path, untrained
+            # ones are built (`attach_predictors(random_seed=...)`); the path is not read.
+            overrides.append("lemo.predictor_path=(untrained)")
+    return apply_overrides(base, overrides)
+
+
 MEASURES = ("compiled-memory", "step-time", "max-context")
 
 
@@ -60,7 +77,9 @@ def parse_lengths(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--seq-lens", required=True, help="comma-separated, e.g. 4096,8192")
-    parser.add_argument("--modes", default="dense,lemo", help="comma-separated: dense, lemo")
+    parser.add_argument(
+        "--modes", default="dense,lemo", help=f"comma-separated: {', '.join(MODES)}"
+    )
     parser.add_argument("--measure", default="compiled-memory", choices=MEASURES)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (step-time)")
     parser.add_argument("--plot", help="step-time: write step time and peak against tokens (PNG)")
@@ -100,9 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for seq_len in lengths:
         for mode in modes:
-            config = apply_overrides(
-                base, [f"train.seq_len={seq_len}", f"lemo.enabled={mode == 'lemo'}"]
-            )
+            config = mode_config(base, mode, seq_len)
             row = dict(
                 config=args.config,
                 mode=mode,
@@ -156,9 +173,7 @@ def _max_context(args: argparse.Namespace, base, mode: str) -> dict:
 
     def runs(units: int) -> bool:
         seq_len = units * unit
-        config = apply_overrides(
-            base, [f"train.seq_len={seq_len}", f"lemo.enabled={mode == 'lemo'}"]
-        )
+        config = mode_config(base, mode, seq_len)
         if mode != "hf_peft" and limit is not None:
             estimate = compiled_step_memory(config)["total_gib"]
             if estimate > limit:

@@ -20,7 +20,7 @@ def test_compiled_memory_report():
         "--seq-lens",
         "512",
         "--modes",
-        "dense,lemo",
+        "dense,lemo,lemo_predictor",
         "--measure",
         "compiled-memory",
         "--set",
@@ -33,10 +33,14 @@ def test_compiled_memory_report():
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [(row["mode"], row["seq_len"]) for row in rows] == [("dense", 512), ("lemo", 512)]
-    dense, lemo = rows
+    modes = [(row["mode"], row["seq_len"]) for row in rows]
+    assert modes == [("dense", 512), ("lemo", 512), ("lemo_predictor", 512)]
+    dense, lemo, predictor = rows
     assert 0 < lemo["temp_gib"] < dense["temp_gib"]
     assert lemo["argument_gib"] == dense["argument_gib"]  # same weights and optimizer state
+    # The predictors ride in the (frozen) arguments; their scores replace the oracle's.
+    assert predictor["argument_gib"] > lemo["argument_gib"]
+    assert 0 < predictor["temp_gib"] < dense["temp_gib"]
 
 
 def test_bad_lengths_are_one_line_errors():
