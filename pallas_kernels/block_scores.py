@@ -115,47 +115,69 @@ def _block_scores_xla(q, k, block_size: int, causal: bool) -> jax.Array:
 _OUT_WIDTH = 16  # each program writes its score broadcast over one 16-wide row (Triton tiles)
 
 
-def _block_scores_kernel(q_ref, k_ref, out_ref, *, block_size, q_len, kv_len, causal, group):
-    """Program (key block n, batch row): score[n] = sum over query blocks m of the tile max."""
-    key_block = pl.program_id(0)
-    num_q_blocks = pl.cdiv(q_len, block_size)
+def _block_scores_kernel(q_ref, k_ref, out_ref, *, block_size, tiles, q_len, kv_len, causal, group):
+    """Program (key tile, batch row): for each of its key blocks n, score[n] = sum over query
+    blocks m of the tile max. A key tile holds `tiles[1]` blocks and each step of the loop
+    multiplies a query tile of `tiles[0]` blocks by it, head by head, so every loaded tile
+    serves several blocks; the per-block maxima are then taken over masked sub-tiles."""
+    q_blocks, k_blocks = tiles
+    q_rows, k_rows = q_blocks * block_size, k_blocks * block_size
     num_heads = q_ref.shape[1]
-    k_start = key_block * block_size
-    k_positions = k_start + jnp.arange(block_size)
+    k_start = pl.program_id(0) * k_rows
+    k_positions = k_start + jnp.arange(k_rows)
+    rows, cols = jnp.arange(q_rows), jnp.arange(k_rows)
 
-    def body(q_block, total):
-        q_start = q_block * block_size
+    def body(q_tile, totals):
+        q_start = q_tile * q_rows
 
         def add_head(head, head_sum):  # GQA: query head n reads kv head n // G
-            q_tile = q_ref[pl.ds(q_start, block_size), head, :]
-            k_tile = k_ref[pl.ds(k_start, block_size), head // group, :]
-            return head_sum + jnp.maximum(tile_matmul(q_tile, k_tile, transpose_b=True), 0.0)
+            q_tile_values = q_ref[pl.ds(q_start, q_rows), head, :]
+            k_tile_values = k_ref[pl.ds(k_start, k_rows), head // group, :]
+            logits = tile_matmul(q_tile_values, k_tile_values, transpose_b=True)
+            return head_sum + jnp.maximum(logits, 0.0)
 
         # A loop rather than a Python unroll: Triton pipelines the innermost loop's two tile
         # loads; an unrolled body's 2 x N loads, all prefetched at once, would need more shared
         # memory than an SM has (measured: 1.5 MB asked for at N = 32, H = 128, bf16).
-        head_sum = lax.fori_loop(
-            0, num_heads, add_head, jnp.zeros((block_size, block_size), jnp.float32)
-        )
-        q_positions = q_start + jnp.arange(block_size)
+        head_sum = lax.fori_loop(0, num_heads, add_head, jnp.zeros((q_rows, k_rows), jnp.float32))
+        q_positions = q_start + rows
         valid = (q_positions[:, None] < q_len) & (k_positions[None, :] < kv_len)
         if causal:
             valid &= q_positions[:, None] >= k_positions[None, :]
-        return total + jnp.max(jnp.where(valid, head_sum, 0.0))
+        head_sum = jnp.where(valid, head_sum, 0.0)  # >= 0: zeros never raise a maximum
+        if tiles == (1, 1):
+            return (totals[0] + jnp.max(head_sum),)
+        new_totals = []
+        for j in range(k_blocks):
+            in_column = (cols >= j * block_size) & (cols < (j + 1) * block_size)
+            total = totals[j]
+            for i in range(q_blocks):
+                in_row = (rows >= i * block_size) & (rows < (i + 1) * block_size)
+                in_block = in_row[:, None] & in_column[None, :]
+                total = total + jnp.max(jnp.where(in_block, head_sum, 0.0))
+            new_totals.append(total)
+        return tuple(new_totals)
 
-    first = key_block if causal else 0  # tiles (m < n) hold no causal pair
-    total = lax.fori_loop(first, num_q_blocks, body, jnp.zeros((), jnp.float32))
-    out_ref[...] = jnp.full((_OUT_WIDTH,), total, jnp.float32)
+    # Causal: query tiles wholly before the key tile's first key hold no pair with i >= j.
+    first = k_start // q_rows if causal else 0
+    zeros = tuple(jnp.zeros((), jnp.float32) for _ in range(k_blocks))
+    totals = lax.fori_loop(first, pl.cdiv(q_len, q_rows), body, zeros)
+    for j in range(k_blocks):
+        out_ref[j, :] = jnp.full((_OUT_WIDTH,), totals[j], jnp.float32)
 
 
-def _block_scores_pallas(q, k, block_size: int, causal: bool, interpret: bool) -> jax.Array:
+def _block_scores_pallas(
+    q, k, block_size: int, causal: bool, interpret: bool, tiles: tuple[int, int]
+) -> jax.Array:
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    num_k_blocks = _cdiv(kv_len, block_size)
+    q_rows, k_rows = tiles[0] * block_size, tiles[1] * block_size
+    num_k_tiles = _cdiv(kv_len, k_rows)
     padded_head_dim = max(MIN_TILE, pl.next_power_of_2(head_dim))
+    unit = max(q_rows, k_rows)  # both powers of two times the block: the larger is a multiple
 
     def pad(x):  # zeros at the ends: padded rows are masked, padded head dims add nothing
-        padded_len = _cdiv(max(q_len, kv_len), block_size) * block_size
+        padded_len = _cdiv(max(q_len, kv_len), unit) * unit
         return jnp.pad(
             x, ((0, 0), (0, padded_len - x.shape[1]), (0, 0), (0, padded_head_dim - head_dim))
         )
@@ -164,6 +186,7 @@ def _block_scores_pallas(q, k, block_size: int, causal: bool, interpret: bool) -
     kernel = functools.partial(
         _block_scores_kernel,
         block_size=block_size,
+        tiles=tiles,
         q_len=q_len,
         kv_len=kv_len,
         causal=causal,
@@ -175,15 +198,16 @@ def _block_scores_pallas(q, k, block_size: int, causal: bool, interpret: bool) -
 
     scores = pl.pallas_call(
         kernel,
-        grid=(num_k_blocks, batch),
+        grid=(num_k_tiles, batch),
         in_specs=[whole(q), whole(k)],
-        out_specs=pl.BlockSpec((None, None, _OUT_WIDTH), lambda n, b: (b, n, 0)),
-        out_shape=jax.ShapeDtypeStruct((batch, num_k_blocks, _OUT_WIDTH), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        out_specs=pl.BlockSpec((None, tiles[1], _OUT_WIDTH), lambda n, b: (b, n, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, num_k_tiles * tiles[1], _OUT_WIDTH), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=4 if tiles == (1, 1) else 8, num_stages=2),
         interpret=interpret,
         name="lemo_block_scores",
     )(q, k)
-    return scores[:, :, 0] / (math.sqrt(head_dim) * num_heads)
+    num_k_blocks = _cdiv(kv_len, block_size)
+    return scores[:, :num_k_blocks, 0] / (math.sqrt(head_dim) * num_heads)
 
 
 def default_impl() -> str:
@@ -191,7 +215,7 @@ def default_impl() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "causal", "impl", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_size", "causal", "impl", "interpret", "tiles"))
 def block_scores(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
@@ -200,13 +224,15 @@ def block_scores(
     causal: bool = True,
     impl: str = "xla",
     interpret: bool | None = None,
+    tiles: tuple[int, int] = (1, 1),
 ) -> jax.Array:  # [B, ceil(S / block_size)] float32
     """LeMo key-block scores score[n] = sum_m max_tile(m, n) sum_h relu(s_h) / N (module doc).
 
     Any T and S (ragged last blocks are masked, not dropped); causal needs S == T. Inputs may be
     bf16; logits and scores are fp32. No gradient flows: the inputs are stop_gradient'ed.
     `impl`: "xla" (tiled jnp), "pallas" (fused kernel; block_size a power of two >= 16;
-    `interpret=None` interprets it off the GPU) or "reference" (direct O(T * S)).
+    `interpret=None` interprets it off the GPU; `tiles=(q, k)`: query and key blocks per
+    kernel tile, powers of two) or "reference" (direct O(T * S)).
     """
     _check_shapes(q, k, block_size, causal)
     if impl not in _IMPLS:
@@ -217,9 +243,11 @@ def block_scores(
             raise ValueError(
                 f"impl='pallas' needs a power-of-two block_size >= {MIN_TILE}; got {block_size}"
             )
+        if len(tiles) != 2 or any(t < 1 or t & (t - 1) for t in tiles):
+            raise ValueError(f"tiles must be two powers of two (query, key blocks); got {tiles}")
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
-        return _block_scores_pallas(q, k, block_size, causal, interpret)
+        return _block_scores_pallas(q, k, block_size, causal, interpret, tuple(tiles))
     if impl == "reference":
         return block_scores_reference(q, k, block_size=block_size, causal=causal)
     return _block_scores_xla(q, k, block_size, causal)

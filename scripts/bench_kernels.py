@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--model-dim", type=int, default=4096)
     parser.add_argument("--keep", type=float, default=0.4, help="kept fraction (row ops)")
+    parser.add_argument(
+        "--score-tiles", default="1x1", help="block_scores Pallas tiles, e.g. 1x1,2x2 (q x k)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     lengths = parse_ints(args.seq_lens, "--seq-lens")
@@ -100,11 +103,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
         flush=True,
     )
+    score_tiles = _parse_tiles(args.score_tiles)
     rows = []
     for seq_len in lengths:
         for op in ops:
-            for impl in impls:
-                function, inputs, work = _op(op, impl, seq_len, args)
+            variants = [
+                (impl, tiles)
+                for impl in impls
+                for tiles in (score_tiles if op == "block_scores" and impl == "pallas" else [None])
+            ]
+            for impl, tiles in variants:
+                function, inputs, work = _op(op, impl, seq_len, args, tiles)
+                if tiles is not None and tiles != (1, 1):
+                    impl = f"{impl}:{tiles[0]}x{tiles[1]}"
                 seconds = best_seconds(function, *inputs, repeats=args.repeats)
                 ceiling = flops_ceiling if op == "block_scores" else bytes_ceiling
                 row = dict(
@@ -122,24 +133,38 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"\nceilings on {device}: matmul {flops_ceiling / 1e12:.0f} TFLOP/s, "
         f"copy {bytes_ceiling / 1e12:.2f} TB/s"
     )
-    print(f"{'op':<16}{'impl':<8}{'tokens':>8}{'ms':>10}{'rate':>16}{'of ceiling':>12}")
+    print(f"{'op':<16}{'impl':<12}{'tokens':>8}{'ms':>10}{'rate':>16}{'of ceiling':>12}")
     for row in rows:
         rate = f"{row['rate']:.2f} {row['unit']}"
         print(
-            f"{row['op']:<16}{row['impl']:<8}{row['seq_len']:>8}{row['ms']:>10.3f}"
+            f"{row['op']:<16}{row['impl']:<12}{row['seq_len']:>8}{row['ms']:>10.3f}"
             f"{rate:>16}{row['fraction_of_ceiling']:>12.2f}"
         )
 
 
-def _op(op: str, impl: str, seq_len: int, args: argparse.Namespace):
+def _parse_tiles(text: str) -> list[tuple[int, int]]:
+    tiles = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            q_blocks, k_blocks = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--score-tiles expects QxK pairs such as 2x2, got {part!r}") from None
+        tiles.append((q_blocks, k_blocks))
+    return tiles or [(1, 1)]
+
+
+def _op(op: str, impl: str, seq_len: int, args: argparse.Namespace, tiles=None):
     """(function, its inputs, its work in FLOPs or bytes) for one measurement."""
     key = jax.random.key(seq_len)
     if op == "block_scores":
         key_q, key_k = jax.random.split(key)
         q = jax.random.normal(key_q, (1, seq_len, args.heads, args.head_dim), jnp.bfloat16)
         k = jax.random.normal(key_k, (1, seq_len, args.kv_heads, args.head_dim), jnp.bfloat16)
+        extra = {} if tiles is None else {"tiles": tiles}
         function = jax.jit(
-            lambda q, k: block_scores(q, k, block_size=args.block_size, causal=True, impl=impl)
+            lambda q, k: block_scores(
+                q, k, block_size=args.block_size, causal=True, impl=impl, **extra
+            )
         )
         return function, (q, k), args.heads * args.head_dim * seq_len**2
     num_blocks = max(1, seq_len // args.block_size)

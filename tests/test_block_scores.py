@@ -74,6 +74,18 @@ def test_matches_reference(case, impl):
     assert relative_error(scores, expected) < TOLERANCES[jnp.dtype(F32)].forward
 
 
+@pytest.mark.parametrize("tiles", [(2, 2), (1, 4), (4, 1)])
+@pytest.mark.parametrize("case", [CASES[i] for i in (2, 3, 6, 11)], ids=_case_id)
+def test_kernel_tiles_of_several_blocks(case, tiles):
+    """Query and key tiles of several blocks give the same scores as one block per tile,
+    including ragged ends and key blocks that share a tile with later query blocks."""
+    shape, block_size, dtype, causal = case
+    q, k = _inputs(*shape, dtype)
+    scores = block_scores(q, k, block_size=block_size, causal=causal, impl="pallas", tiles=tiles)
+    expected = _reference(q.astype(F32), k.astype(F32), block_size=block_size, causal=causal)
+    assert relative_error(scores, expected) < TOLERANCES[jnp.dtype(F32)].forward
+
+
 # q = [1, 2, -1, -0.5], k = [1, 0.5, 2, -5], H = 1 (scale 1), N = 1: s(i, j) = q_i * k_j, exact.
 # Tiles (query block m, key block n) of b = 2, causal:
 #   (0, 0): s(0,0)=1, s(1,0)=2, s(1,1)=1                  -> 2   (s(0,1)=0.5 is j > i)
@@ -166,6 +178,8 @@ def test_impl_switch_and_no_gradient():
     np.testing.assert_array_equal(block_scores(q, k, block_size=16, impl="reference"), expected)
     with pytest.raises(ValueError, match="power-of-two block_size"):
         block_scores(q, k, block_size=24, impl="pallas")
+    with pytest.raises(ValueError, match="tiles must be two powers of two"):
+        block_scores(q, k, block_size=16, impl="pallas", tiles=(3, 1))
     with pytest.raises(ValueError, match="impl"):
         block_scores(q, k, impl="cuda")
     for impl in ("xla", "pallas"):
@@ -193,9 +207,12 @@ def test_kernel_matches_tiled_path_gpu(case):
     both fp32-accumulated from the same bf16 values; the orders of summation differ."""
     shape, block_size, dtype, causal = case
     q, k = _inputs(*shape, dtype)
-    kernel = block_scores(q, k, block_size=block_size, causal=causal, impl="pallas")
     tiled = block_scores(q.astype(F32), k.astype(F32), block_size=block_size, causal=causal)
-    assert relative_error(kernel, tiled) < TOLERANCES[jnp.dtype(F32)].forward
+    for tiles in ((1, 1), (2, 2)):
+        kernel = block_scores(
+            q, k, block_size=block_size, causal=causal, impl="pallas", tiles=tiles
+        )
+        assert relative_error(kernel, tiled) < TOLERANCES[jnp.dtype(F32)].forward
 
 
 @pytest.mark.parametrize(
