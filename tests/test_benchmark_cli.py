@@ -1,4 +1,4 @@
-"""scripts/benchmark.py --measure compiled-memory: JSON lines, LeMo below dense."""
+"""scripts/benchmark.py and scripts/bench_kernels.py: JSON lines, tables, plots, errors."""
 
 import json
 import math
@@ -9,28 +9,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
+TINY_LEMO = ["--set", "lemo.schedule=uniform:0.5", "--set", "lemo.block_size=16"]
+
+
+def _script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "scripts" / name), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_compiled_memory_report():
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "benchmark.py"),
-        "--config",
-        "tiny",
-        "--seq-lens",
-        "512",
-        "--modes",
-        "dense,lemo,lemo_predictor",
-        "--measure",
-        "compiled-memory",
-        "--set",
-        "lemo.schedule=uniform:0.5",
-        "--set",
-        "lemo.block_size=16",
-        "--set",
-        "train.remat=none",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    result = _script(
+        "benchmark.py",
+        *("--config", "tiny", "--seq-lens", "512", "--modes", "dense,lemo,lemo_predictor"),
+        *("--measure", "compiled-memory", *TINY_LEMO, "--set", "train.remat=none"),
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     modes = [(row["mode"], row["seq_len"]) for row in rows]
@@ -44,41 +36,18 @@ def test_compiled_memory_report():
 
 
 def test_bad_lengths_are_one_line_errors():
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "benchmark.py"),
-        "--config",
-        "tiny",
-        "--seq-lens",
-        "4k",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    result = _script("benchmark.py", "--config", "tiny", "--seq-lens", "4k", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --seq-lens expects")
 
 
 def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "benchmark.py"),
-        "--config",
-        "tiny",
-        "--seq-lens",
-        "256",
-        "--modes",
-        "hf_peft,dense,lemo",
-        "--measure",
-        "step-time",
-        "--steps",
-        "2",
-        "--set",
-        "lemo.schedule=uniform:0.5",
-        "--set",
-        "lemo.block_size=16",
-        "--plot",
-        str(tmp_path / "steps.png"),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    result = _script(
+        "benchmark.py",
+        *("--config", "tiny", "--seq-lens", "256", "--modes", "hf_peft,dense,lemo"),
+        *("--measure", "step-time", "--steps", "2", *TINY_LEMO),
+        *("--plot", str(tmp_path / "steps.png")),
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -108,21 +77,11 @@ def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
 
 
 def test_kernel_benchmark_reports_ceilings_and_fractions():
-    command = [
-        sys.executable,
-        str(ROOT / "scripts" / "bench_kernels.py"),
-        "--seq-lens",
-        "256",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--head-dim",
-        "64",
-        "--repeats",
-        "1",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    result = _script(
+        "bench_kernels.py",
+        *("--seq-lens", "256", "--heads", "4", "--kv-heads", "2", "--head-dim", "64"),
+        *("--repeats", "1", "--model-dim", "64"),
+    )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines[0]["matmul_tflops"] > 0 and lines[0]["copy_tbps"] > 0
@@ -132,9 +91,12 @@ def test_kernel_benchmark_reports_ceilings_and_fractions():
 
 
 def test_the_peer_has_no_compiled_memory():
-    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", "tiny"]
-    command += ["--seq-lens", "256", "--modes", "hf_peft,dense", "--measure", "compiled-memory"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    result = _script(
+        "benchmark.py",
+        *("--config", "tiny", "--seq-lens", "256", "--modes", "hf_peft,dense"),
+        *("--measure", "compiled-memory"),
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: --modes hf_peft has no compiled program; use --measure step-time"
@@ -142,11 +104,13 @@ def test_the_peer_has_no_compiled_memory():
 
 
 def test_max_context_bisects_to_the_longest_step_that_fits():
-    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", "tiny"]
-    command += ["--seq-lens", "8192", "--context-step", "1024", "--modes", "dense,lemo"]
-    command += ["--measure", "max-context", "--memory-limit-gib", "0.05"]
-    command += ["--set", "lemo.schedule=uniform:0.25", "--set", "lemo.block_size=16"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    result = _script(
+        "benchmark.py",
+        *("--config", "tiny", "--seq-lens", "8192", "--context-step", "1024"),
+        *("--modes", "dense,lemo", "--measure", "max-context", "--memory-limit-gib", "0.05"),
+        *("--set", "lemo.schedule=uniform:0.25", "--set", "lemo.block_size=16"),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     dense, lemo = (json.loads(line) for line in result.stdout.splitlines())
     for row in (dense, lemo):

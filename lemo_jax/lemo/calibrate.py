@@ -38,30 +38,45 @@ def layer_block_scores(
     token_ids = jnp.asarray(token_ids, jnp.int32)
     if token_ids.ndim != 2:
         raise ValueError(f"token_ids must be [B, T]; got {token_ids.shape=}")
-    with matmul_precision(model.config.compute_jnp_dtype):
-        return _layer_block_scores(model, token_ids, block_size)
+    return _layer_block_scores(model, token_ids, block_size)
 
 
 @nnx.jit(static_argnames=("block_size",))
 def _layer_block_scores(model: Llama, token_ids, block_size: int):
-    B, T = token_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    cos, sin = rotary_angles(model.config.rope, model.config.head_dim, positions)
-    graphdef, layer_state = nnx.split(model.layers)
+    return dense_layer_scan(model, token_ids, block_size=block_size)[1]
 
-    def body(h, index):
-        # One layer out of the [L] stack by index, as `Llama._run_group` takes it.
-        state = jax.tree.map(
-            lambda p: jax.lax.dynamic_index_in_dim(p, index, 0, False), layer_state
-        )
-        layer = nnx.merge(graphdef, state)
-        query, key = layer.attention.rotated_query_key(layer.attention_norm(h), cos, sin)
-        scores = block_scores(query, key, block_size=block_size, causal=True)  # [B, M]
-        return layer(h, cos, sin, None), scores  # no dropout key: the frozen model, no dropout
 
-    h = model.embedding(token_ids)  # [B, T, D]
-    _, scores = jax.lax.scan(body, h, jnp.arange(model.config.num_layers))
-    return scores  # [L, B, M]
+def dense_layer_scan(
+    model: Llama,
+    token_ids: Int[Array, "B T"],
+    *,
+    block_size: int,
+    kernels: str = "xla",
+    keep_inputs: bool = False,
+) -> tuple[Float[Array, "L B T D"] | None, Float[Array, "L B M"]]:
+    """One pass of the dense `model` over its layers: per layer the normalised attention input
+    (with `keep_inputs`, else None) and the oracle key-block scores from it."""
+    with matmul_precision(model.config.compute_jnp_dtype):
+        B, T = token_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rotary_angles(model.config.rope, model.config.head_dim, positions)
+        graphdef, layer_state = nnx.split(model.layers)
+
+        def body(h, index):
+            # One layer out of the [L] stack by index, as `Llama._run_group` takes it.
+            state = jax.tree.map(
+                lambda p: jax.lax.dynamic_index_in_dim(p, index, 0, False), layer_state
+            )
+            layer = nnx.merge(graphdef, state)
+            x = layer.attention_norm(h)
+            query, key = layer.attention.rotated_query_key(x, cos, sin)
+            scores = block_scores(query, key, block_size=block_size, causal=True, impl=kernels)
+            # No dropout key: the frozen model, no dropout.
+            return layer(h, cos, sin, None), ((x if keep_inputs else None), scores)
+
+        h = model.embedding(token_ids)  # [B, T, D]
+        _, (inputs, scores) = jax.lax.scan(body, h, jnp.arange(model.config.num_layers))
+    return inputs, scores
 
 
 def _reference_maximum(scores: np.ndarray, outlier_quantile: float) -> np.ndarray:

@@ -29,13 +29,12 @@ from lemo_jax.configs.run import RunConfig
 from lemo_jax.data.pipeline import ShuffledSampler, prepare_data
 from lemo_jax.io.checkpoint import RunCheckpoints
 from lemo_jax.lemo.budgets import LayerBudgets, layer_budgets
+from lemo_jax.lemo.calibrate import dense_layer_scan
 from lemo_jax.lemo.config import resolve_kernels
 from lemo_jax.lemo.layer import top_blocks
 from lemo_jax.lemo.predictor import BlockScorePredictor, PredictorParam, save_predictor
-from lemo_jax.model.llama import Llama, matmul_precision
-from lemo_jax.model.rope import rotary_angles
+from lemo_jax.model.llama import Llama
 from lemo_jax.train.setup import build_model, predictor_config_for
-from pallas_kernels import block_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,24 +47,9 @@ class OracleBatch:
 
 def oracle_batch(model: Llama, token_ids: jax.Array, *, block_size: int, kernels: str):
     """The frozen dense model's per-layer predictor inputs and oracle block scores."""
-    with matmul_precision(model.config.compute_jnp_dtype):
-        B, T = token_ids.shape
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        cos, sin = rotary_angles(model.config.rope, model.config.head_dim, positions)
-        graphdef, layer_state = nnx.split(model.layers)
-
-        def body(h, index):
-            state = jax.tree.map(
-                lambda p: jax.lax.dynamic_index_in_dim(p, index, 0, False), layer_state
-            )
-            layer = nnx.merge(graphdef, state)
-            x = layer.attention_norm(h)
-            query, key = layer.attention.rotated_query_key(x, cos, sin)
-            scores = block_scores(query, key, block_size=block_size, causal=True, impl=kernels)
-            return layer(h, cos, sin, None), (x, scores)
-
-        h = model.embedding(token_ids)
-        _, (inputs, scores) = jax.lax.scan(body, h, jnp.arange(model.config.num_layers))
+    inputs, scores = dense_layer_scan(
+        model, token_ids, block_size=block_size, kernels=kernels, keep_inputs=True
+    )
     return OracleBatch(jax.lax.stop_gradient(inputs), jax.lax.stop_gradient(scores))
 
 
