@@ -210,11 +210,6 @@ def _block_scores_pallas(
     return scores[:, :num_k_blocks, 0] / (math.sqrt(head_dim) * num_heads)
 
 
-def default_impl() -> str:
-    """The fused kernel on a GPU, the tiled XLA path elsewhere (interpret mode is for tests)."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
 @functools.partial(jax.jit, static_argnames=("block_size", "causal", "impl", "interpret", "tiles"))
 def block_scores(
     q: jax.Array,  # [B, T, N, H]

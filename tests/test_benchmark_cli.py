@@ -2,23 +2,15 @@
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from run_scripts import run_script
 
-ROOT = Path(__file__).parents[1]
 TINY_LEMO = ["--set", "lemo.schedule=uniform:0.5", "--set", "lemo.block_size=16"]
 
 
-def _script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "scripts" / name), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-
-
 def test_compiled_memory_report():
-    result = _script(
+    result = run_script(
         "benchmark.py",
         *("--config", "tiny", "--seq-lens", "512", "--modes", "dense,lemo,lemo_predictor"),
         *("--measure", "compiled-memory", *TINY_LEMO, "--set", "train.remat=none"),
@@ -36,13 +28,13 @@ def test_compiled_memory_report():
 
 
 def test_bad_lengths_are_one_line_errors():
-    result = _script("benchmark.py", "--config", "tiny", "--seq-lens", "4k", timeout=120)
+    result = run_script("benchmark.py", "--config", "tiny", "--seq-lens", "4k", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --seq-lens expects")
 
 
 def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
-    result = _script(
+    result = run_script(
         "benchmark.py",
         *("--config", "tiny", "--seq-lens", "256", "--modes", "hf_peft,dense,lemo"),
         *("--measure", "step-time", "--steps", "2", *TINY_LEMO),
@@ -77,7 +69,7 @@ def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
 
 
 def test_kernel_benchmark_reports_ceilings_and_fractions():
-    result = _script(
+    result = run_script(
         "bench_kernels.py",
         *("--seq-lens", "256", "--heads", "4", "--kv-heads", "2", "--head-dim", "64"),
         *("--repeats", "1", "--model-dim", "64"),
@@ -91,7 +83,7 @@ def test_kernel_benchmark_reports_ceilings_and_fractions():
 
 
 def test_the_peer_has_no_compiled_memory():
-    result = _script(
+    result = run_script(
         "benchmark.py",
         *("--config", "tiny", "--seq-lens", "256", "--modes", "hf_peft,dense"),
         *("--measure", "compiled-memory"),
@@ -104,7 +96,7 @@ def test_the_peer_has_no_compiled_memory():
 
 
 def test_max_context_bisects_to_the_longest_step_that_fits():
-    result = _script(
+    result = run_script(
         "benchmark.py",
         *("--config", "tiny", "--seq-lens", "8192", "--context-step", "1024"),
         *("--modes", "dense,lemo", "--measure", "max-context", "--memory-limit-gib", "0.05"),

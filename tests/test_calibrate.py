@@ -2,15 +2,13 @@
 
 import dataclasses
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from run_scripts import run_script
 from tolerances import TOLERANCES, relative_error
 
 from lemo_jax.configs import get_model_config
@@ -22,7 +20,6 @@ from pallas_kernels.block_scores import block_scores_reference
 
 FP32 = TOLERANCES[jnp.dtype(jnp.float32)]
 CONFIG = dataclasses.replace(get_model_config("tiny"), num_layers=3, compute_dtype="float32")
-SCRIPT = Path(__file__).parents[1] / "scripts" / "calibrate_budgets.py"
 TEXT = "\n".join(
     f"def function_{i}(value):\n    return value * {i} + {i % 7}\n" for i in range(500)
 )
@@ -120,16 +117,6 @@ def test_invalid_scores():
         calibrated_keep_ratios(-np.ones((2, 1, 4)))
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_script_writes_a_usable_schedule(tmp_path):
     data = tmp_path / "train.txt"
     data.write_text(TEXT)
@@ -141,7 +128,9 @@ def test_script_writes_a_usable_schedule(tmp_path):
         "lemo.block_size=32",
     ]
     set_args = [arg for override in overrides for arg in ("--set", override)]
-    result = run_script("--config", "tiny", *set_args, "--samples", "3", "--out", str(out))
+    result = run_script(
+        "calibrate_budgets.py", "--config", "tiny", *set_args, "--samples", "3", "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr
     num_layers = get_model_config("tiny").num_layers
     ratios = read_schedule_file(str(out), "attention", num_layers)
@@ -157,7 +146,9 @@ def test_script_writes_a_usable_schedule(tmp_path):
     # The measured end layers: real ratios in (0, 1] that budgets can also use.
     sparse = tmp_path / "sparse.json"
     result = run_script(
-        "--config", "tiny", *set_args, "--samples", "2", "--sparse-end-layers", "--out", str(sparse)
+        "calibrate_budgets.py",
+        *("--config", "tiny", *set_args, "--samples", "2", "--sparse-end-layers"),
+        *("--out", str(sparse)),
     )
     assert result.returncode == 0, result.stderr
     measured = read_schedule_file(str(sparse), "attention", num_layers)
@@ -166,7 +157,7 @@ def test_script_writes_a_usable_schedule(tmp_path):
 
     # An existing --out is a one-line error and is left untouched.
     before = out.read_text()
-    result = run_script("--config", "tiny", *set_args, "--out", str(out))
+    result = run_script("calibrate_budgets.py", "--config", "tiny", *set_args, "--out", str(out))
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "already exists" in lines[0]

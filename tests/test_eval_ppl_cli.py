@@ -3,27 +3,15 @@
 import json
 import math
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hf_models import save_tiny_llama, save_tiny_tokenizer, tiny_llama_config
+from run_scripts import run_script
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "eval_ppl.py"
 TEXT = "\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
-
-
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
@@ -42,6 +30,7 @@ def test_perplexity_matches_transformers(tmp_path):
     reference = save_tiny_llama(model_dir, tiny_llama_config(vocab_size=len(tokenizer)))
     out = tmp_path / "ppl.json"
     result = run_script(
+        "eval_ppl.py",
         "--model",
         str(model_dir),
         "--data",
@@ -68,12 +57,14 @@ def test_perplexity_matches_transformers(tmp_path):
 
 
 def test_unknown_model_name():
-    assert_one_line_error(run_script("--model", "no-such-model"), "unknown model 'no-such-model'")
+    assert_one_line_error(
+        run_script("eval_ppl.py", "--model", "no-such-model"), "unknown model 'no-such-model'"
+    )
 
 
 def test_directory_without_weights(tmp_path):
     tiny_llama_config().save_pretrained(tmp_path)
-    assert_one_line_error(run_script("--model", str(tmp_path)), "has no weights")
+    assert_one_line_error(run_script("eval_ppl.py", "--model", str(tmp_path)), "has no weights")
 
 
 def test_non_llama_architecture(tmp_path):
@@ -82,11 +73,13 @@ def test_non_llama_architecture(tmp_path):
     )
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
     save_tiny_tokenizer(tmp_path, [TEXT])
-    assert_one_line_error(run_script("--model", str(tmp_path)), "unsupported architecture 'gpt2'")
+    assert_one_line_error(
+        run_script("eval_ppl.py", "--model", str(tmp_path)), "unsupported architecture 'gpt2'"
+    )
 
 
 def test_missing_data_path(tmp_path):
     missing = tmp_path / "nothing.jsonl"
     assert_one_line_error(
-        run_script("--model", "smollm2-135m", "--data", str(missing)), str(missing)
+        run_script("eval_ppl.py", "--model", "smollm2-135m", "--data", str(missing)), str(missing)
     )

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+from run_scripts import ROOT, run_script
 
 from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.configs.runs import get_run_config, run_names
 from lemo_jax.train.loop import run_training
 
-ROOT = Path(__file__).parents[1]
 TEXT = "\n".join(
     f"def function_{i}(value):\n    return value * {i} + {i % 7}  # line {i}\n" for i in range(1500)
 )
@@ -41,13 +41,7 @@ def tiny_overrides(tmp_path: Path, text_file: Path, **fields) -> list[str]:
 
 
 def finetune(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--no-progress", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_script("finetune.py", "--no-progress", *args, timeout=timeout)
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

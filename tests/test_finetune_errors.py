@@ -1,18 +1,15 @@
 """Bad input to finetune.py / export_to_pytorch.py: one clear line, non-zero exit, nothing lost."""
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from run_scripts import ROOT, run_script
 
 from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.configs.runs import get_run_config
 from lemo_jax.errors import UserError
 from lemo_jax.train.setup import write_run_config
-
-ROOT = Path(__file__).parents[1]
 
 
 def load_script(name: str):
@@ -47,13 +44,7 @@ def text_file(tmp_path) -> Path:
 
 
 def test_unknown_config_is_one_line_with_the_choices():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--config", "llama9"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_script("finetune.py", "--config", "llama9", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         result.stderr.strip(),

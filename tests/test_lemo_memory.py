@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from lora_training import mean_loss
 
 from lemo_jax.configs import LoraConfig, get_model_config
 from lemo_jax.configs.run import TrainSection
@@ -14,7 +15,7 @@ from lemo_jax.lemo.budgets import elimination_plan
 from lemo_jax.lemo.config import LemoConfig
 from lemo_jax.model import Llama, trainable_filter
 from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lemo_jax.train.step import init_state, make_train_step, sequence_loss_sum
+from lemo_jax.train.step import init_state, make_train_step
 
 CONFIG = dataclasses.replace(
     get_model_config("tiny"),
@@ -33,17 +34,7 @@ LENGTH = 4096
 def compiled_temp_mib(plan, remat: str = "none") -> float:
     model = nnx.eval_shape(lambda: Llama(CONFIG, lora=LORA, rngs=nnx.Rngs(0)))
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(LORA), ...)
-
-    def loss(trainable, frozen, token_ids):
-        total, count = sequence_loss_sum(
-            nnx.merge(graphdef, trainable, frozen),
-            token_ids,
-            dropout_key=None,
-            remat_policy=remat,
-            loss_chunk_size=1024,
-            plan=plan,
-        )
-        return total / count
+    loss = mean_loss(graphdef, remat_policy=remat, loss_chunk_size=1024, plan=plan)
 
     token_ids = jax.ShapeDtypeStruct((1, LENGTH), jnp.int32)
     compiled = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen, token_ids).compile()

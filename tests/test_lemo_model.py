@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from lora_training import activate_lora, mean_loss
 from tolerances import TOLERANCES, relative_error
 
 from lemo_jax.configs import LoraConfig, get_model_config
@@ -19,7 +20,6 @@ from lemo_jax.lemo.layer import (
 )
 from lemo_jax.model import Llama, trainable_filter
 from lemo_jax.model.rope import rotary_angles
-from lemo_jax.train.step import sequence_loss_sum
 
 FP32 = TOLERANCES[jnp.dtype(jnp.float32)]
 CONFIG = dataclasses.replace(get_model_config("tiny"), num_layers=3, compute_dtype="float32")
@@ -29,28 +29,14 @@ BLOCK = 16
 
 def model_with_active_lora() -> Llama:
     model = Llama(CONFIG, lora=LORA, rngs=nnx.Rngs(0))
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
-        if path[-1] == "lora_b":  # non-zero, so gradients reach both adapter matrices
-            shape = variable.get_value().shape
-            variable.set_value(0.1 * jax.random.normal(jax.random.key(len(shape)), shape))
+    activate_lora(model)
     return model
 
 
 def loss_and_grads(model: Llama, token_ids, plan):
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(LORA), ...)
-
-    def loss(trainable):
-        total, count = sequence_loss_sum(
-            nnx.merge(graphdef, trainable, frozen),
-            token_ids,
-            dropout_key=None,
-            remat_policy="full",
-            loss_chunk_size=64,
-            plan=plan,
-        )
-        return total / count
-
-    return jax.value_and_grad(loss)(trainable)
+    loss = mean_loss(graphdef, remat_policy="full", loss_chunk_size=64, plan=plan)
+    return jax.value_and_grad(loss)(trainable, frozen, token_ids)
 
 
 @pytest.mark.parametrize("token_sparse_mlp", [False, True])

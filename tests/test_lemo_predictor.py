@@ -3,14 +3,13 @@
 import dataclasses
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from run_scripts import run_script
 
 from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.configs.runs import get_run_config
@@ -27,8 +26,6 @@ from lemo_jax.lemo.predictor import (
 )
 from lemo_jax.lemo.predictor_training import layer_recall, oracle_batch
 from lemo_jax.train.setup import build_model, predictor_config_for
-
-ROOT = Path(__file__).parents[1]
 
 CONFIG = PredictorConfig(num_layers=3, model_dim=32, chunk_dim=8, block_size=16, rank=4)
 
@@ -116,9 +113,8 @@ TINY_ARGS = [
 
 
 def _run(script: str, tmp_path, *extra) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "scripts" / script), *TINY_ARGS]
-    command += ["--set", f"data.cache_dir={tmp_path / 'cache'}", *extra]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    cache = ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    return run_script(script, *TINY_ARGS, *cache, *extra, timeout=600)
 
 
 def _train_script(tmp_path, *extra):

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from lora_training import activate_lora, mean_loss
 from tolerances import TOLERANCES, relative_error
 
 from lemo_jax.configs import LoraConfig, get_model_config
 from lemo_jax.model import Llama, trainable_filter
 from lemo_jax.model.remat import REMAT_POLICIES
-from lemo_jax.train.step import sequence_loss_sum
 
 CONFIG = dataclasses.replace(
     get_model_config("tiny"), num_layers=4, model_dim=128, mlp_dim=384, compute_dtype="float32"
@@ -21,22 +21,9 @@ LORA = LoraConfig(rank=4)
 
 def loss_and_grad(policy: str):
     model = Llama(CONFIG, lora=LORA, rngs=nnx.Rngs(0))
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
-        if path[-1] == "lora_b":  # zero B would give A an exactly zero gradient
-            key = jax.random.key(len(path))
-            variable.set_value(0.1 * jax.random.normal(key, variable.get_value().shape))
+    activate_lora(model)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(LORA), ...)
-
-    def loss(trainable, frozen, token_ids):
-        total, count = sequence_loss_sum(
-            nnx.merge(graphdef, trainable, frozen),
-            token_ids,
-            dropout_key=None,
-            remat_policy=policy,
-            loss_chunk_size=256,
-        )
-        return total / count
-
+    loss = mean_loss(graphdef, remat_policy=policy, loss_chunk_size=256)
     step = jax.jit(jax.value_and_grad(loss))
     token_ids = jax.random.randint(jax.random.key(1), (1, 512), 0, CONFIG.vocab_size)
     compiled = step.lower(trainable, frozen, token_ids).compile()

@@ -13,16 +13,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from lemo_jax.configs.run import RunConfig
-from lemo_jax.lemo.budgets import elimination_plan, layer_budgets
-from lemo_jax.model.llama import Llama
+from lemo_jax.lemo.budgets import layer_budgets
 from lemo_jax.model.lora import trainable_filter
+from lemo_jax.train.memory import benchmark_model, benchmark_step
 from lemo_jax.train.observe import compiled_memory_gib, peak_device_memory_gib
-from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from lemo_jax.train.setup import attach_predictors, model_config_for
-from lemo_jax.train.step import init_state, make_train_step
+from lemo_jax.train.optimizer import make_optimizer
+from lemo_jax.train.setup import model_config_for
+from lemo_jax.train.step import init_state
 
 GIB = 2**30
 
@@ -50,16 +49,12 @@ def measure_step_time(config: RunConfig, *, steps: int = 3, warmup: int = 1) -> 
     (GiB; None on backends that do not report it), and the kept-token fraction."""
     train = config.train
     lora = config.lora if train.method == "lora" else None
-    model_config = model_config_for(config.model, seq_len=train.seq_len)
-    model = Llama(model_config, lora=lora, rngs=nnx.Rngs(train.seed))
-    attach_predictors(model, config.lemo, random_seed=train.seed)  # untrained: same cost
+    model = benchmark_model(config)
+    model_config = model.config
     optimizer = make_optimizer(train)
     graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
     del model
-    plan = elimination_plan(config.lemo, model_config.num_layers, train.seq_len)
-    step = make_train_step(
-        graphdef, optimizer, learning_rate_schedule(train), train, use_dropout=False, plan=plan
-    )
+    step, plan = benchmark_step(config, graphdef, optimizer, model_config.num_layers)
     shape = (train.grad_accum, train.batch_size, train.seq_len)
     started = time.perf_counter()
     compiled = step.lower(state, jax.ShapeDtypeStruct(shape, jnp.int32)).compile()

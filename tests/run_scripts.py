@@ -1,0 +1,13 @@
+"""Running the command-line scripts as a user would: a fresh Python process, output captured."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python scripts/NAME ARGS...`; never raises on a non-zero exit (tests check it)."""
+    command = [sys.executable, str(ROOT / "scripts" / name), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
