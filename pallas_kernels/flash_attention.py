@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -31,6 +32,8 @@ from pallas_kernels._common import MIN_TILE, check_query_key_shapes, tile_matmul
 # headroom so subtracting a row max or log-sum-exp from it cannot overflow.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2_E = math.log2(math.e)  # the kernels use exp2: e^x = 2^(x * log2 e)
+# Checkpoint names of the forward's residuals that the backward needs besides q, k, v.
+RESIDUAL_NAMES = ("flash_attention_out", "flash_attention_lse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +283,10 @@ def _padded_attention(q, k, v, config: _KernelConfig) -> jax.Array:
 
 def _padded_attention_fwd(q, k, v, config: _KernelConfig):
     out, lse = _forward(q, k, v, config)
+    # Named so that a remat policy can keep them (RESIDUAL_NAMES): with both saved, the backward
+    # pass recomputes only q, k, v, never the attention forward.
+    out = checkpoint_name(out, RESIDUAL_NAMES[0])
+    lse = checkpoint_name(lse, RESIDUAL_NAMES[1])
     return out, (q, k, v, out, lse)
 
 

@@ -1,10 +1,13 @@
 """Remat policies: same loss and gradients, less compiled memory than saving everything."""
 
+import contextlib
 import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
 import pytest
+from jax import ad_checkpoint
 from flax import nnx
 from lora_training import activate_lora, mean_loss
 from tolerances import TOLERANCES, relative_error
@@ -51,3 +54,47 @@ def test_recomputation_lowers_compiled_memory(results):
     assert memory["full"] < 0.5 * memory["none"]
     for policy in ("dots", "dots_no_batch", "save_attention"):
         assert memory["full"] <= memory[policy] <= memory["none"], memory
+
+
+
+def _step_residuals(policy: str, backend: str, dtype: str):
+    """The training step's saved residuals (shape, dtype) and its compiled HLO text."""
+    config = dataclasses.replace(
+        CONFIG, num_layers=2, attention_backend=backend, compute_dtype=dtype, param_dtype=dtype
+    )
+    model = Llama(config, lora=LORA, rngs=nnx.Rngs(0))
+    activate_lora(model)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(LORA), ...)
+    loss = mean_loss(graphdef, remat_policy=policy, loss_chunk_size=128)
+    token_ids = jax.random.randint(jax.random.key(1), (1, 128), 0, config.vocab_size)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # one line per residual: "f32[2,1,4,128] ..."
+        ad_checkpoint.print_saved_residuals(loss, trainable, frozen, token_ids)
+    hlo = jax.jit(jax.grad(loss)).lower(trainable, frozen, token_ids).compile().as_text()
+    return [line.split(" ", 1)[0] for line in printed.getvalue().splitlines()], hlo
+
+
+def _softmax_statistics(residuals: list[str]) -> list[str]:
+    """Saved float32 arrays [layers, B, N, T(, 1)]: flash attention's softmax statistics."""
+    prefix = f"f32[2,1,{CONFIG.num_heads},128"
+    return [r for r in residuals if r in (prefix + "]", prefix + ",1]")]
+
+
+@pytest.mark.parametrize(
+    "backend, dtype",
+    [
+        ("pallas", "float32"),
+        pytest.param("cudnn", "bfloat16", marks=pytest.mark.gpu),
+    ],
+)
+def test_save_attention_output_keeps_the_kernels_statistics(backend, dtype):
+    """Under `save_attention_output` the step keeps each layer's attention output and softmax
+    statistics, so the backward never reruns the attention forward; under `full` it keeps
+    neither. On the GPU, the compiled step holds one cuDNN forward call site instead of two."""
+    full, full_hlo = _step_residuals("full", backend, dtype)
+    saved, saved_hlo = _step_residuals("save_attention_output", backend, dtype)
+    assert _softmax_statistics(full) == []
+    assert len(_softmax_statistics(saved)) == 1, saved
+    if backend == "cudnn":
+        forward = '"__cudnn$fmhaSoftmax"'
+        assert (full_hlo.count(forward), saved_hlo.count(forward)) == (2, 1)

@@ -9,6 +9,12 @@ layer saves for the backward pass instead of recomputing it:
 - `dots_no_batch`: matmul outputs without batch dimensions (the projections, not attention).
 - `save_attention`: the named tensors `query`, `key`, `value` and `attention_out`, so the
   backward pass recomputes the cheap projections but not the attention inputs and output.
+- `save_attention_output`: what a flash-attention kernel's backward needs besides q, k, v (its
+  output and softmax statistics: cuDNN's forward outputs, or the Pallas kernel's named
+  residuals), so the backward pass recomputes the projections, norms and MLP but never the
+  attention forward, the costliest op at long context. One [B, T, N, H] output per layer plus
+  [B, N, T] fp32 statistics. With XLA attention only the output is kept and the
+  probabilities are recomputed.
 """
 
 from __future__ import annotations
@@ -18,13 +24,27 @@ from collections.abc import Callable
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
+from pallas_kernels.flash_attention import RESIDUAL_NAMES as PALLAS_ATTENTION_RESIDUALS
+
 ATTENTION_NAMES = ("query", "key", "value", "attention_out")
+# cuDNN flash attention's forward primitive (jax._src.cudnn.fused_attention_stablehlo); its
+# outputs are the attention output and the softmax statistics.
+_CUDNN_ATTENTION_FORWARD = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+_save_pallas_residuals = jax.checkpoint_policies.save_only_these_names(
+    *PALLAS_ATTENTION_RESIDUALS, "attention_out"
+)
+
+
+def _save_attention_output(prim, *avals, **params) -> bool:
+    return prim.name in _CUDNN_ATTENTION_FORWARD or _save_pallas_residuals(prim, *avals, **params)
+
 
 _POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_NAMES),
+    "save_attention_output": _save_attention_output,
 }
 REMAT_POLICIES = ("none", *_POLICIES)
 
