@@ -11,7 +11,8 @@ Each measurement prints one JSON line per mode and length:
 - `step-time` runs real steps on random weights of the configuration's shape (GPU): the best and
   median step time over `--steps` timed steps after one warm-up step, tokens/s, model TFLOP/s
   (the dense model's FLOPs, `lemo_jax.train.timing.model_flops_per_step`, over the median), the
-  peak device memory and the compiled estimate. Each mode and length runs in its own process,
+  peak device memory and the compiled estimate; under LeMo also the token selection's (scorer's)
+  time per step and its share of the step (`selection_share`). Each mode and length runs in its own process,
   so every peak is that configuration's alone; one that runs out of memory is reported as such.
   A Markdown table with each mode's median step time and peak against `hf_peft`'s and
   `dense`'s follows the JSON lines (and `--plot FILE.png` draws them against tokens).
@@ -209,8 +210,8 @@ def markdown_table(rows: list[dict]) -> str:
 
     lines = [
         "| tokens | mode | median step (s) | tokens/s | model TFLOP/s | peak (GiB) | compile (s) "
-        "| time / hf_peft | peak / dense |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| selection share | time / hf_peft | peak / dense |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         same = {r["mode"]: r for r in rows if r["seq_len"] == row["seq_len"]}
@@ -228,11 +229,12 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['seq_len']:,} | {row['mode']} | "
             + (
-                f"{row['error']} | - | - | - | - | - | - |"
+                f"{row['error']} | - | - | - | - | - | - | - |"
                 if "error" in row
                 else f"{fmt(step, '{:.3f}')} | {fmt(tokens, '{:,.0f}')} | "
                 f"{fmt(value(row, 'model_tflops'), '{:.1f}')} | {fmt(peak, '{:.2f}')} | "
-                f"{fmt(value(row, 'compile_s'), '{:.1f}')} | {fmt(time_ratio, '{:.2f}')} | "
+                f"{fmt(value(row, 'compile_s'), '{:.1f}')} | "
+                f"{fmt(value(row, 'selection_share'), '{:.1%}')} | {fmt(time_ratio, '{:.2f}')} | "
                 f"{fmt(peak_ratio, '{:.2f}')} |"
             )
         )

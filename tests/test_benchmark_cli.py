@@ -61,7 +61,11 @@ def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
     assert lemo["layer_groups"] == 1 and lemo["temp_gib"] < dense["temp_gib"]
     table = result.stdout[result.stdout.index("| tokens | mode |") :].splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| 256 | hf_peft | ")
-    assert table[2].split("|")[8].strip() == "1.00"  # hf_peft against itself
+    assert table[2].split("|")[9].strip() == "1.00"  # hf_peft against itself
+    # The selection (oracle scorer + top-k) is timed for LeMo only, as a share of its step.
+    assert dense["selection_s"] is None and table[3].split("|")[8].strip() == "-"
+    assert 0 < lemo["selection_s"] < lemo["median_step_s"]
+    assert lemo["selection_share"] == pytest.approx(lemo["selection_s"] / lemo["median_step_s"])
     for row in rows:  # the same dense FLOPs for every mode
         assert row["model_tflops"] * row["median_step_s"] == pytest.approx(
             rows[0]["model_tflops"] * rows[0]["median_step_s"]

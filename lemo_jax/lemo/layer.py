@@ -24,6 +24,11 @@ from pallas_kernels import block_scores, gather_rmsnorm
 from pallas_kernels import scatter_add_rows as _scatter_add_rows
 
 
+# Query x key blocks per product of the Pallas block-score kernel: the fastest on the H200 at
+# Llama-2-7B shapes (16K-64K tokens; BENCHMARKS.md, "Block-score kernel").
+SCORE_TILES = (4, 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupPlan:
     """Consecutive layers [start, stop) sharing static budgets; None means dense."""
@@ -120,7 +125,12 @@ def attention_token_ids(
     else:
         query, key = layer.attention.rotated_query_key(x, cos, sin)
         scores = block_scores(  # [B, M]
-            query, key, block_size=plan.block_size, causal=True, impl=plan.kernels
+            query,
+            key,
+            block_size=plan.block_size,
+            causal=True,
+            impl=plan.kernels,
+            tiles=SCORE_TILES if plan.kernels == "pallas" else (1, 1),
         )
     if plan.score_reduction == "mean":  # block n is seen by query blocks n .. M-1
         num_blocks_total = scores.shape[-1]

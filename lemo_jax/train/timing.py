@@ -14,8 +14,13 @@ import time
 import jax
 import jax.numpy as jnp
 
+from flax import nnx
+
 from lemo_jax.configs.run import RunConfig
 from lemo_jax.lemo.budgets import layer_budgets
+from lemo_jax.lemo.layer import EliminationPlan, attention_token_ids
+from lemo_jax.model.llama import Llama
+from lemo_jax.model.rope import rotary_angles
 from lemo_jax.model.lora import trainable_filter
 from lemo_jax.train.memory import benchmark_model, benchmark_step
 from lemo_jax.train.observe import compiled_memory_gib, peak_device_memory_gib
@@ -46,7 +51,8 @@ def model_flops_per_step(config: RunConfig) -> float:
 def measure_step_time(config: RunConfig, *, steps: int = 3, warmup: int = 1) -> dict:
     """Times `steps` training steps; returns seconds (best and median), tokens/s at the best
     step, the compile time, the compiled step's memory estimate and the peak device memory
-    (GiB; None on backends that do not report it), and the kept-token fraction."""
+    (GiB; None on backends that do not report it), the kept-token fraction, and under LeMo the
+    token selection's time per step and its share of the median step."""
     train = config.train
     lora = config.lora if train.method == "lora" else None
     model = benchmark_model(config)
@@ -67,9 +73,12 @@ def measure_step_time(config: RunConfig, *, steps: int = 3, warmup: int = 1) -> 
         loss = float(metrics["loss"])  # synchronises
         if index >= warmup:
             seconds.append(time.perf_counter() - started)
-    kept = 1.0
+    kept, selection_s = 1.0, None
     if plan is not None:
         kept = layer_budgets(config.lemo, model_config.num_layers, train.seq_len).kept_fraction()[1]
+        model = nnx.merge(graphdef, state.trainable, state.frozen)
+        selection_s = token_selection_seconds(model, plan, train.batch_size, train.seq_len)
+        del model
     best = min(seconds)
     return dict(
         step_s=best,
@@ -82,4 +91,50 @@ def measure_step_time(config: RunConfig, *, steps: int = 3, warmup: int = 1) -> 
         kept_fraction=kept,
         loss=loss,
         layer_groups=1 if plan is None else len(plan.groups),
+        selection_s=selection_s,
+        selection_share=None if selection_s is None else selection_s / statistics.median(seconds),
     )
+
+
+def token_selection_seconds(
+    model: Llama, plan: EliminationPlan, batch_size: int, seq_len: int, *, repeats: int = 5
+) -> float:
+    """LeMo's token selection per training step: one layer's scoring and top-k (the oracle's
+    q/k projections and block scores, or the predictor), timed alone on a random residual
+    stream, times the number of layers that eliminate attention tokens. The step runs it once
+    per such layer, outside recomputation (the selection is never differentiated)."""
+    groups = [group for group in plan.groups if group.attention_blocks is not None]
+    if not groups:
+        return 0.0
+    config = model.config
+    group = groups[0]
+    positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch_size, seq_len))
+    cos, sin = rotary_angles(config.rope, config.head_dim, positions)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def select(state, h):
+        model = nnx.merge(graphdef, state)
+        layer_graph, layer_state = nnx.split(model.layers)
+        index = jnp.int32(group.start)
+        layer = nnx.merge(layer_graph, jax.tree.map(lambda p: p[group.start], layer_state))
+        return attention_token_ids(
+            layer,
+            h,
+            cos,
+            sin,
+            num_blocks=group.attention_blocks,
+            plan=plan,
+            predictor=model.block_predictor,
+            index=index,
+        )
+
+    shape = (batch_size, seq_len, config.model_dim)
+    h = jax.random.normal(jax.random.key(0), shape, config.compute_jnp_dtype)
+    select(state, h).block_until_ready()  # compile and warm up
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        select(state, h).block_until_ready()
+        seconds.append(time.perf_counter() - started)
+    return min(seconds) * sum(group.stop - group.start for group in groups)
