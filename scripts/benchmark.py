@@ -12,8 +12,9 @@ Each measurement prints one JSON line per mode and length:
   median step time over `--steps` timed steps after one warm-up step, tokens/s, model TFLOP/s
   (the dense model's FLOPs, `lemo_jax.train.timing.model_flops_per_step`, over the median), the
   peak device memory and the compiled estimate; under LeMo also the token selection's (scorer's)
-  time per step and its share of the step (`selection_share`). Each mode and length runs in its own process,
-  so every peak is that configuration's alone; one that runs out of memory is reported as such.
+  time per step and its share of the step (`selection_share`). Each mode and length runs in its
+  own process, so every peak is that configuration's alone; one that runs out of memory is
+  reported as such.
   A Markdown table with each mode's median step time and peak against `hf_peft`'s and
   `dense`'s follows the JSON lines (and `--plot FILE.png` draws them against tokens).
 

@@ -43,8 +43,12 @@ def test_block_chunks_join_each_blocks_rows_of_a_chunk():
     np.testing.assert_array_equal(chunks[1, 1, 2], expected)
 
 
-def test_scores_shape_and_block_causality():
-    predictor = BlockScorePredictor(CONFIG, nnx.Rngs(0))
+CHUNKS = dataclasses.replace(CONFIG, architecture="chunks")
+
+
+@pytest.mark.parametrize("config", [CONFIG, CHUNKS], ids=["pooled", "chunks"])
+def test_scores_shape_and_block_causality(config):
+    predictor = BlockScorePredictor(config, nnx.Rngs(0))
     x = _input()
     scores = predictor(1, x)
     assert scores.shape == (2, 8) and scores.dtype == jnp.float32
@@ -56,9 +60,14 @@ def test_scores_shape_and_block_causality():
     assert not np.allclose(new_scores[:, :6], scores[:, :6])
     # The last key block is seen only by itself: score[M-1] = P[M-1, M-1].
     layer = predictor.layer(1)
-    blocks = block_chunks(x, CONFIG)
-    q_hat, k_hat = layer.query(blocks[:, -1]), layer.key(blocks[:, -1])  # [B, C, r]
-    np.testing.assert_allclose(scores[:, -1], jnp.sum(q_hat * k_hat, axis=(1, 2)), rtol=1e-5)
+    if config.architecture == "chunks":
+        blocks = block_chunks(x, config)
+        q_hat, k_hat = layer.query(blocks[:, -1]), layer.key(blocks[:, -1])  # [B, C, r]
+    else:  # the block's per-token embeddings, mean-pooled for queries, max-pooled for keys
+        rows = x[:, -config.block_size :]
+        q_hat, k_hat = layer.query(rows).mean(axis=1), layer.key(rows).max(axis=1)  # [B, r]
+    expected = jnp.sum(q_hat * k_hat, axis=tuple(range(1, q_hat.ndim)))
+    np.testing.assert_allclose(scores[:, -1], expected, rtol=1e-5)
 
 
 def test_layers_are_independent_and_indexable_inside_a_scan():
@@ -74,12 +83,24 @@ def test_layers_are_independent_and_indexable_inside_a_scan():
     np.testing.assert_allclose(scanned, jnp.stack(direct), rtol=1e-6)
 
 
-def test_save_load_round_trip(tmp_path):
-    predictor = BlockScorePredictor(CONFIG, nnx.Rngs(3))
+@pytest.mark.parametrize("config", [CONFIG, CHUNKS], ids=["pooled", "chunks"])
+def test_save_load_round_trip(tmp_path, config):
+    predictor = BlockScorePredictor(config, nnx.Rngs(3))
     save_predictor(predictor, tmp_path / "predictors")
-    loaded = load_predictor(tmp_path / "predictors", expected=CONFIG)
+    loaded = load_predictor(tmp_path / "predictors", expected=config)
     x = _input()
     np.testing.assert_array_equal(loaded(2, x), predictor(2, x))
+
+
+def test_predictors_saved_before_the_architecture_choice_load_as_chunks(tmp_path):
+    save_predictor(BlockScorePredictor(CHUNKS, nnx.Rngs(0)), tmp_path / "p")
+    config_file = tmp_path / "p" / "predictor_config.json"
+    fields = json.loads(config_file.read_text())
+    del fields["architecture"]
+    config_file.write_text(json.dumps(fields))
+    assert load_predictor(tmp_path / "p", expected=CHUNKS).config == CHUNKS
+    with pytest.raises(UserError, match="were made for"):
+        load_predictor(tmp_path / "p", expected=CONFIG)
 
 
 def test_missing_or_mismatched_predictors_are_one_line_errors(tmp_path):
@@ -98,6 +119,8 @@ def test_config_errors():
         PredictorConfig(num_layers=1, model_dim=30, chunk_dim=8)
     with pytest.raises(ValueError, match="rank must be positive"):
         PredictorConfig(num_layers=1, model_dim=32, chunk_dim=8, rank=0)
+    with pytest.raises(ValueError, match="unknown predictor architecture"):
+        PredictorConfig(num_layers=1, model_dim=32, chunk_dim=8, architecture="dense")
 
 
 TINY_ARGS = [

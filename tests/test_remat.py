@@ -7,8 +7,8 @@ import io
 import jax
 import jax.numpy as jnp
 import pytest
-from jax import ad_checkpoint
 from flax import nnx
+from jax import ad_checkpoint
 from lora_training import activate_lora, mean_loss
 from tolerances import TOLERANCES, relative_error
 
@@ -54,7 +54,6 @@ def test_recomputation_lowers_compiled_memory(results):
     assert memory["full"] < 0.5 * memory["none"]
     for policy in ("dots", "dots_no_batch", "save_attention"):
         assert memory["full"] <= memory[policy] <= memory["none"], memory
-
 
 
 def _step_residuals(policy: str, backend: str, dtype: str):

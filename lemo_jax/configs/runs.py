@@ -100,9 +100,10 @@ def smollm2_32k() -> RunConfig:
 
 def _paper_recipe(name: str, preset: str, *, rope_scaling: str, rope_factor: float) -> RunConfig:
     """The paper's fine-tuning recipe: LoRA r=8 alpha=16 on q,k,v,o; AdamW (0.9, 0.95); lr 2e-5,
-    20 warm-up steps then constant; batch 1; 65,536 tokens; recomputation of all but attention; LeMo with the
-    end-to-end rule of the paper's runs (`paper_e2e`). The frozen base weights are bfloat16 (as
-    in the paper and in PEFT fine-tuning); the adapters and optimizer state stay float32."""
+    20 warm-up steps then constant; batch 1; 65,536 tokens; recomputation of all but attention;
+    LeMo with the end-to-end rule of the paper's runs (`paper_e2e`). The frozen base weights are
+    bfloat16 (as in the paper and in PEFT fine-tuning); the adapters and optimizer state stay
+    float32."""
     return RunConfig(
         name=name,
         output_dir=f"runs/{name}",

@@ -23,6 +23,7 @@ from lemo_jax.model.remat import REMAT_POLICIES
 SCHEDULE_FORMS = ("paper_e2e", "paper_table", "uniform:RATIO", "file:PATH")
 MLP_MODES = ("dense", "token_sparse")
 SCORERS = ("oracle", "predictor")
+PREDICTOR_ARCHITECTURES = ("pooled", "chunks")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -104,6 +105,10 @@ class LemoConfig:
     # "predictor" uses the trained per-layer predictors in `predictor_path` (paper section 4.3).
     scorer: str = "oracle"
     predictor_path: str | None = None
+    # Predictor networks (lemo_jax.lemo.predictor): "pooled" (per-token low-rank projections
+    # pooled over each block; the default: better recall at a third of the cost) or "chunks"
+    # (the paper artifact's head-dim chunks with each block's tokens concatenated).
+    predictor_architecture: str = "pooled"
     # The first blocks are always kept in attention (a token-sparse MLP selects single tokens
     # by their own activation and forces none): the first tokens
     # are attention sinks that take a large share of every later query's attention whatever
@@ -137,6 +142,11 @@ class LemoConfig:
             self.bucket_blocks >= 1, f"lemo.bucket_blocks={self.bucket_blocks} must be at least 1"
         )
         _check(self.scorer in SCORERS, f"lemo.scorer={self.scorer!r} is not one of {SCORERS}")
+        _check(
+            self.predictor_architecture in PREDICTOR_ARCHITECTURES,
+            f"lemo.predictor_architecture={self.predictor_architecture!r} is not one of "
+            f"{PREDICTOR_ARCHITECTURES}",
+        )
         _check(
             self.scorer != "predictor" or bool(self.predictor_path),
             "lemo.scorer=predictor needs lemo.predictor_path=DIR "

@@ -1,15 +1,24 @@
 """Context-aware pattern prediction (paper section 4.3): per-layer block-score predictors.
 
-Per decoder layer, a Q and a K network, each three low-rank matrices with ReLU between,
-reading the layer's normalised input as the paper's artifact does: the [T, D] input is cut into
-D / chunk_dim chunks of `chunk_dim` features (no W_q / W_k applied), and each 64-token block's
-rows of a chunk are concatenated into one vector of block_size * chunk_dim values. Both
-networks map such a vector to a `rank`-dimensional embedding, with weights shared across
-chunks:
+Per decoder layer, a Q and a K network read the layer's normalised input x [T, D] and give each
+64-token block a `rank`-dimensional embedding; the predicted key-block scores are
 
-    q_hat[m, c] = Q(x[block m, chunk c]),   k_hat[n, c] = K(x[block n, chunk c])
-    P[m, n]     = sum over chunks c of q_hat[m, c] . k_hat[n, c]        (query block m, key n)
-    score[n]    = sum over query blocks m >= n of P[m, n]               (causal, column sum)
+    P[m, n]  = q_hat[m] . k_hat[n]                            (query block m, key block n)
+    score[n] = sum over query blocks m >= n of P[m, n]        (causal, column sum, as eq. 2)
+
+Two architectures (`PredictorConfig.architecture`):
+
+- `chunks`, the paper artifact's: x is cut into D / chunk_dim chunks of `chunk_dim` features,
+  each block's rows of a chunk are concatenated into one vector of block_size * chunk_dim
+  values, and three low-rank matrices with ReLU between ([F, r], [r, F], [F, r]) map it to
+  q_hat[m, c] / k_hat[n, c], shared across chunks; P sums over the chunks.
+- `pooled` (the default): two matrices with ReLU between ([D, r], [r, r]) map every token's x
+  to r features, pooled over each block: the mean for queries (the oracle sums over queries),
+  the max for keys (the oracle keeps a block for its strongest key). The same weights serve
+  every token of a block, where `chunks` learns a separate weight per token slot. Measured on
+  SmolLM2-135M (2,048 tokens, 48 training windows, 200 steps, BENCHMARKS.md): validation recall
+  0.859 against 0.847 for `chunks` with the same loss, at a third of its FLOPs and 1/16 of its
+  weights.
 
 and the layer keeps the top-k blocks by `score`, as it would by the oracle's. The predictors
 are trained offline against the oracle scores with the base model frozen; in the model their
@@ -50,8 +59,11 @@ class PredictorConfig:
     chunk_dim: int  # the model's head dim in the paper's artifact
     block_size: int = 64
     rank: int = 128
+    architecture: str = "pooled"  # "pooled" or "chunks" (module doc)
 
     def __post_init__(self):
+        if self.architecture not in ("pooled", "chunks"):
+            raise ValueError(f"unknown predictor architecture {self.architecture!r}")
         if self.model_dim % self.chunk_dim:
             raise ValueError(f"chunk_dim={self.chunk_dim} must divide model_dim={self.model_dim}")
         for name in ("num_layers", "chunk_dim", "block_size", "rank"):
@@ -81,33 +93,63 @@ class LowRankPath(nnx.Module):
         return hidden @ self.w3[...].astype(dtype)
 
 
+class TokenPath(nnx.Module):
+    """relu(x W1) W2 per token, W1 [D, r], W2 [r, r]."""
+
+    def __init__(self, features: int, rank: int, rngs: nnx.Rngs):
+        self.w1 = PredictorParam(
+            jax.random.normal(rngs.params(), (features, rank)) / np.sqrt(features)
+        )
+        self.w2 = PredictorParam(jax.random.normal(rngs.params(), (rank, rank)) / np.sqrt(rank))
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... r"]:
+        dtype = x.dtype
+        return jax.nn.relu(x @ self.w1[...].astype(dtype)) @ self.w2[...].astype(dtype)
+
+
 class LayerPredictor(nnx.Module):
     """One layer's Q and K networks."""
 
     def __init__(self, config: PredictorConfig, rngs: nnx.Rngs):
-        self.query = LowRankPath(config.block_features, config.rank, rngs)
-        self.key = LowRankPath(config.block_features, config.rank, rngs)
+        if config.architecture == "pooled":
+            self.query = TokenPath(config.model_dim, config.rank, rngs)
+            self.key = TokenPath(config.model_dim, config.rank, rngs)
+        else:
+            self.query = LowRankPath(config.block_features, config.rank, rngs)
+            self.key = LowRankPath(config.block_features, config.rank, rngs)
         self.config = config
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B M"]:
         """Predicted key-block scores [B, M] from the layer's normalised input (T a multiple
         of the block size)."""
-        blocks = block_chunks(x, self.config)  # [B, M, C, b * chunk]
-        q_hat, k_hat = self.query(blocks), self.key(blocks)  # [B, M, C, r]
-        pair = jnp.einsum("bmcr,bncr->bmn", q_hat, k_hat, preferred_element_type=jnp.float32)
+        if self.config.architecture == "pooled":
+            batch, length, _ = x.shape
+            _check_input(x, self.config)
+            shape = (batch, length // self.config.block_size, self.config.block_size, -1)
+            q_hat = self.query(x).reshape(shape).mean(axis=2)  # [B, M, r]
+            k_hat = self.key(x).reshape(shape).max(axis=2)
+            pair = jnp.einsum("bmr,bnr->bmn", q_hat, k_hat, preferred_element_type=jnp.float32)
+        else:
+            blocks = block_chunks(x, self.config)  # [B, M, C, b * chunk]
+            q_hat, k_hat = self.query(blocks), self.key(blocks)  # [B, M, C, r]
+            pair = jnp.einsum("bmcr,bncr->bmn", q_hat, k_hat, preferred_element_type=jnp.float32)
         num_blocks = pair.shape[1]
         causal = jnp.tril(jnp.ones((num_blocks, num_blocks), bool))  # key n <= query m
         return jnp.sum(jnp.where(causal, pair, 0.0), axis=1)
 
 
-def block_chunks(x: Float[Array, "B T D"], config: PredictorConfig) -> Float[Array, "B M C F"]:
-    """[B, T, D] -> [B, M, C, block_size * chunk_dim]: each block's rows of each chunk, joined."""
-    batch, length, dim = x.shape
-    if length % config.block_size or dim != config.model_dim:
+def _check_input(x: jax.Array, config: PredictorConfig) -> None:
+    if x.shape[1] % config.block_size or x.shape[2] != config.model_dim:
         raise ValueError(
             f"predictor input {x.shape} needs T a multiple of {config.block_size} and "
             f"D = {config.model_dim}"
         )
+
+
+def block_chunks(x: Float[Array, "B T D"], config: PredictorConfig) -> Float[Array, "B M C F"]:
+    """[B, T, D] -> [B, M, C, block_size * chunk_dim]: each block's rows of each chunk, joined."""
+    _check_input(x, config)
+    batch, length, dim = x.shape
     num_chunks = dim // config.chunk_dim
     blocks = x.reshape(batch, length // config.block_size, config.block_size, num_chunks, -1)
     return blocks.transpose(0, 1, 3, 2, 4).reshape(
@@ -165,7 +207,9 @@ def load_predictor(directory: str | Path, *, expected: PredictorConfig) -> Block
             f"({CONFIG_FILE} and {WEIGHTS_FILE}); train them with scripts/train_predictor.py"
         )
     try:
-        saved = PredictorConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        fields = json.loads((directory / CONFIG_FILE).read_text())
+        fields.setdefault("architecture", "chunks")  # saved before there was a choice
+        saved = PredictorConfig(**fields)
     except (TypeError, ValueError) as error:
         raise UserError(f"{directory / CONFIG_FILE} is not a predictor config: {error}") from None
     if saved != expected:

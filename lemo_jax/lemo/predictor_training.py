@@ -60,14 +60,19 @@ def _standardise(scores: jax.Array) -> jax.Array:
     return centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + 1e-12)
 
 
+def _ranks(scores: jax.Array) -> jax.Array:
+    """Each block's rank among its example's blocks (0 = lowest score), as float32."""
+    return jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1).astype(jnp.float32)
+
+
 def predictor_loss(predictor: BlockScorePredictor, batch: OracleBatch) -> jax.Array:
-    """SmoothL1 between predicted and max-normalised oracle scores, mean over blocks and
-    examples, summed over layers."""
+    """SmoothL1 between the standardised predictions and the standardised ranks of the oracle
+    scores, mean over blocks and examples, summed over layers."""
 
     def layer_loss(total, layer):
         index, inputs, scores = layer
         predicted = _standardise(predictor(index, inputs))
-        target = _standardise(scores)
+        target = _standardise(_ranks(scores))
         return total + jnp.mean(optax.huber_loss(predicted, target, delta=1.0)), None
 
     num_layers = batch.scores.shape[0]

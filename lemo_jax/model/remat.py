@@ -33,9 +33,7 @@ _CUDNN_ATTENTION_FORWARD = ("dot_product_attention_fwd", "dot_product_attention_
 # Not the layer's `attention_out` too: that is the same values under another name, and a layer
 # scan stacks each saved variable into its own [L, ...] buffer, so saving both kept every output
 # twice (measured on the H200 at 64K tokens: 68.7 GiB against 38.8 GiB with `full`).
-_save_pallas_residuals = jax.checkpoint_policies.save_only_these_names(
-    *PALLAS_ATTENTION_RESIDUALS
-)
+_save_pallas_residuals = jax.checkpoint_policies.save_only_these_names(*PALLAS_ATTENTION_RESIDUALS)
 
 
 def _save_attention_output(prim, *avals, **params) -> bool:

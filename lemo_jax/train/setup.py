@@ -111,6 +111,7 @@ def predictor_config_for(model_config: ModelConfig, lemo: LemoConfig) -> Predict
         model_dim=model_config.model_dim,
         chunk_dim=model_config.head_dim,
         block_size=lemo.block_size,
+        architecture=lemo.predictor_architecture,
     )
 
 

@@ -13,15 +13,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-
 from flax import nnx
 
 from lemo_jax.configs.run import RunConfig
 from lemo_jax.lemo.budgets import layer_budgets
 from lemo_jax.lemo.layer import EliminationPlan, attention_token_ids
 from lemo_jax.model.llama import Llama
-from lemo_jax.model.rope import rotary_angles
 from lemo_jax.model.lora import trainable_filter
+from lemo_jax.model.rope import rotary_angles
 from lemo_jax.train.memory import benchmark_model, benchmark_step
 from lemo_jax.train.observe import compiled_memory_gib, peak_device_memory_gib
 from lemo_jax.train.optimizer import make_optimizer
