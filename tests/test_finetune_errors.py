@@ -59,6 +59,7 @@ def test_unknown_config_is_one_line_with_the_choices():
         ("train.steps=ten", "expects an integer"),
         ("train.remat=everything", "train.remat"),
         ("train.seq_len=1", "train.seq_len must be at least 2"),
+        ("lemo.predictor_architecture=mlp", "lemo.predictor_architecture='mlp' is not one of"),
     ],
 )
 def test_bad_overrides(tmp_path, text_file, assignment, message):
