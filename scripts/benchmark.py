@@ -12,7 +12,9 @@ Each measurement prints one JSON line per mode and length:
   median step time over `--steps` timed steps after one warm-up step, tokens/s, model TFLOP/s
   (the dense model's FLOPs, `lemo_jax.train.timing.model_flops_per_step`, over the median), the
   peak device memory and the compiled estimate; under LeMo also the token selection's (scorer's)
-  time per step and its share of the step (`selection_share`). Each mode and length runs in its
+  time per step and its share of the step (`selection_share`); `--profile DIR` profiles one
+  more step of each of our configurations (trace, per-op and per-category time: a table after
+  the first one, and `profile_summary.json`). Each mode and length runs in its
   own process, so every peak is that configuration's alone; one that runs out of memory is
   reported as such.
   A Markdown table with each mode's median step time and peak against `hf_peft`'s and
@@ -85,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--measure", default="compiled-memory", choices=MEASURES)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (step-time)")
     parser.add_argument("--plot", help="step-time: write step time and peak against tokens (PNG)")
+    parser.add_argument(
+        "--profile",
+        help="step-time: profile one more step of our modes; traces and summaries in "
+        "PROFILE/MODE_TOKENS (TensorBoard or Perfetto)",
+    )
     parser.add_argument("--context-step", type=int, default=4096, help="max-context granularity")
     parser.add_argument(
         "--memory-limit-gib", type=float, help="max-context: memory budget (default: the device's)"
@@ -134,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             elif args.measure == "max-context":  # one probe, in its own process
                 row.update(_measure_steps(config, mode, steps=1, warmup=0))
             elif args.in_process or len(lengths) * len(modes) == 1:
-                row.update(_measure_steps(config, mode, args.steps))
+                profile_dir = None
+                if args.profile and mode != "hf_peft":
+                    profile_dir = os.path.join(args.profile, f"{mode}_{seq_len}")
+                row.update(_measure_steps(config, mode, args.steps, profile_dir=profile_dir))
             else:
                 row.update(_in_child_process(args, seq_len, mode))
             if args.measure == "step-time" and "median_step_s" in row:
@@ -143,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
     if args.measure == "step-time":
         print("\n" + markdown_table(rows))
+        if any("profile" in row for row in rows):
+            print("\n" + profile_table(rows))
         if args.plot:
             print(f"plot: {plot_rows(rows, args.plot)}", file=sys.stderr)
     print(
@@ -150,14 +162,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
 
-def _measure_steps(config, mode: str, steps: int, warmup: int = 1) -> dict:
+def _measure_steps(
+    config, mode: str, steps: int, warmup: int = 1, profile_dir: str | None = None
+) -> dict:
     if mode == "hf_peft":
         from lemo_jax.train.peer import measure_hf_peft_step_time
 
         return measure_hf_peft_step_time(config, steps=steps, warmup=warmup)
     from lemo_jax.train.timing import measure_step_time
 
-    measured = measure_step_time(config, steps=steps, warmup=warmup)
+    measured = measure_step_time(config, steps=steps, warmup=warmup, profile_dir=profile_dir)
     return dict(device=jax.devices()[0].device_kind, **measured)
 
 
@@ -242,6 +256,25 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(rows: list[dict]) -> str:
+    """Per profiled (length, mode): the profiled step's op time by category, in ms."""
+    profiled = [row for row in rows if "profile" in row]
+    names = list(dict.fromkeys(c for row in profiled for c in row["profile"]["categories_ms"]))
+    lines = [
+        "| tokens | mode | ops total (ms) | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for row in profiled:
+        profile = row["profile"]
+        cells = [f"{profile['categories_ms'].get(name, 0.0):.1f}" for name in names]
+        lines.append(
+            f"| {row['seq_len']:,} | {row['mode']} | {profile['total_ms']:.1f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def plot_rows(rows: list[dict], path: str) -> str:
     """Median step time and peak memory against tokens, one line per mode (PNG at `path`)."""
     try:
@@ -282,6 +315,8 @@ def _in_child_process(args: argparse.Namespace, seq_len: int, mode: str) -> dict
     command += ["--seq-lens", str(seq_len), "--modes", mode, "--steps", str(args.steps)]
     if args.measure == "max-context":
         command.append("--in-process")
+    if args.profile:
+        command += ["--profile", args.profile]
     for override in args.overrides:
         command += ["--set", override]
     result = subprocess.run(command, capture_output=True, text=True)

@@ -38,7 +38,7 @@ def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
         "benchmark.py",
         *("--config", "tiny", "--seq-lens", "256", "--modes", "hf_peft,dense,lemo"),
         *("--measure", "step-time", "--steps", "2", *TINY_LEMO),
-        *("--plot", str(tmp_path / "steps.png")),
+        *("--plot", str(tmp_path / "steps.png"), "--profile", str(tmp_path / "profile")),
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -59,13 +59,22 @@ def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
     assert dense["compiled_gib"] > 0 and dense["kept_fraction"] == 1.0
     assert lemo["kept_fraction"] == 0.5
     assert lemo["layer_groups"] == 1 and lemo["temp_gib"] < dense["temp_gib"]
-    table = result.stdout[result.stdout.index("| tokens | mode |") :].splitlines()
+    table = result.stdout[result.stdout.index("| tokens | mode |") :].split("\n\n")[0].splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| 256 | hf_peft | ")
     assert table[2].split("|")[9].strip() == "1.00"  # hf_peft against itself
     # The selection (oracle scorer + top-k) is timed for LeMo only, as a share of its step.
     assert dense["selection_s"] is None and table[3].split("|")[8].strip() == "-"
     assert 0 < lemo["selection_s"] < lemo["median_step_s"]
     assert lemo["selection_share"] == pytest.approx(lemo["selection_s"] / lemo["median_step_s"])
+    # One more step of our modes ran under the profiler: its ops, summed by name, on disk too.
+    assert "profile" not in peer
+    for row in (dense, lemo):
+        profile = row["profile"]
+        assert profile["source"] == "host" and profile["total_ms"] > 0
+        assert sum(profile["categories_ms"].values()) == pytest.approx(profile["total_ms"])
+        saved = tmp_path / "profile" / f"{row['mode']}_256" / "profile_summary.json"
+        assert json.loads(saved.read_text())["top_ops_ms"] == profile["top_ops_ms"]
+    assert "| 256 | lemo | " in result.stdout[result.stdout.index("| ops total (ms) |") :]
     for row in rows:  # the same dense FLOPs for every mode
         assert row["model_tflops"] * row["median_step_s"] == pytest.approx(
             rows[0]["model_tflops"] * rows[0]["median_step_s"]

@@ -24,6 +24,7 @@ from lemo_jax.model.rope import rotary_angles
 from lemo_jax.train.memory import benchmark_model, benchmark_step
 from lemo_jax.train.observe import compiled_memory_gib, peak_device_memory_gib
 from lemo_jax.train.optimizer import make_optimizer
+from lemo_jax.train.profile import profile_call
 from lemo_jax.train.setup import model_config_for
 from lemo_jax.train.step import init_state
 
@@ -47,11 +48,15 @@ def model_flops_per_step(config: RunConfig) -> float:
     return passes * linear * tokens + attention * train.grad_accum * train.batch_size
 
 
-def measure_step_time(config: RunConfig, *, steps: int = 3, warmup: int = 1) -> dict:
+def measure_step_time(
+    config: RunConfig, *, steps: int = 3, warmup: int = 1, profile_dir: str | None = None
+) -> dict:
     """Times `steps` training steps; returns seconds (best and median), tokens/s at the best
     step, the compile time, the compiled step's memory estimate and the peak device memory
     (GiB; None on backends that do not report it), the kept-token fraction, and under LeMo the
-    token selection's time per step and its share of the median step."""
+    token selection's time per step and its share of the median step. With `profile_dir`, one
+    more step runs under the profiler (`lemo_jax.train.profile`) and its summary is returned
+    as `profile`."""
     train = config.train
     lora = config.lora if train.method == "lora" else None
     model = benchmark_model(config)
@@ -72,6 +77,16 @@ def measure_step_time(config: RunConfig, *, steps: int = 3, warmup: int = 1) -> 
         loss = float(metrics["loss"])  # synchronises
         if index >= warmup:
             seconds.append(time.perf_counter() - started)
+    profile = None
+    if profile_dir is not None:
+        holder = [state]
+
+        def one_step():
+            holder[0], metrics = compiled(holder[0], batch)
+            float(metrics["loss"])
+
+        profile = profile_call(one_step, profile_dir)
+        state = holder[0]
     kept, selection_s = 1.0, None
     if plan is not None:
         kept = layer_budgets(config.lemo, model_config.num_layers, train.seq_len).kept_fraction()[1]
@@ -92,6 +107,7 @@ def measure_step_time(config: RunConfig, *, steps: int = 3, warmup: int = 1) -> 
         layer_groups=1 if plan is None else len(plan.groups),
         selection_s=selection_s,
         selection_share=None if selection_s is None else selection_s / statistics.median(seconds),
+        **({} if profile is None else {"profile": profile}),
     )
 
 
