@@ -115,11 +115,15 @@ def _block_scores_xla(q, k, block_size: int, causal: bool) -> jax.Array:
 _OUT_WIDTH = 16  # each program writes its score broadcast over one 16-wide row (Triton tiles)
 
 
-def _block_scores_kernel(q_ref, k_ref, out_ref, *, block_size, tiles, q_len, kv_len, causal, group):
-    """Program (key tile, batch row): for each of its key blocks n, score[n] = sum over query
-    blocks m of the tile max. A key tile holds `tiles[1]` blocks and each step of the loop
-    multiplies a query tile of `tiles[0]` blocks by it, head by head, so every loaded tile
-    serves several blocks; the per-block maxima are then taken over masked sub-tiles."""
+def _block_scores_kernel(
+    q_ref, k_ref, out_ref, *, block_size, tiles, q_len, kv_len, causal, group, splits
+):
+    """Program (key tile, batch row, split): for each of its key blocks n, the sum over its
+    share of the query blocks m of the tile max. A key tile holds `tiles[1]` blocks and each
+    step of the loop multiplies a query tile of `tiles[0]` blocks by it, head by head, so every
+    loaded tile serves several blocks; the per-block maxima are then taken over masked
+    sub-tiles. The query tiles that see the key tile are cut into `splits` contiguous shares,
+    one per program, whose partial sums the caller adds."""
     q_blocks, k_blocks = tiles
     q_rows, k_rows = q_blocks * block_size, k_blocks * block_size
     num_heads = q_ref.shape[1]
@@ -160,19 +164,50 @@ def _block_scores_kernel(q_ref, k_ref, out_ref, *, block_size, tiles, q_len, kv_
 
     # Causal: query tiles wholly before the key tile's first key hold no pair with i >= j.
     first = k_start // q_rows if causal else 0
+    num_q_tiles = pl.cdiv(q_len, q_rows)
+    start, stop = first, num_q_tiles
+    if splits > 1:
+        share = pl.cdiv(num_q_tiles - first, splits)
+        start = jnp.minimum(first + pl.program_id(2) * share, num_q_tiles)
+        stop = jnp.minimum(start + share, num_q_tiles)
     zeros = tuple(jnp.zeros((), jnp.float32) for _ in range(k_blocks))
-    totals = lax.fori_loop(first, pl.cdiv(q_len, q_rows), body, zeros)
+    totals = lax.fori_loop(start, stop, body, zeros)
     for j in range(k_blocks):
         out_ref[j, :] = jnp.full((_OUT_WIDTH,), totals[j], jnp.float32)
 
 
+# Enough programs to fill the device several times over: with fewer key tiles than this (short
+# sequences), each key tile's query range is split over several programs, since one program
+# per key tile leaves the device idle behind the longest (the first key tile's, which every
+# query tile sees). The H200 has 132 SMs. `splits=None` picks this way; the default stays 1
+# until the splits are timed on the H200 (`bench_kernels.py --score-splits`).
+_TARGET_PROGRAMS = 512
+_MAX_SPLITS = 8
+
+
+def query_splits(num_k_tiles: int, batch: int) -> int:
+    """Programs per key tile: the power of two (<= 8) that brings the grid to about 512."""
+    splits = 1
+    while splits < _MAX_SPLITS and num_k_tiles * batch * splits < _TARGET_PROGRAMS:
+        splits *= 2
+    return splits
+
+
 def _block_scores_pallas(
-    q, k, block_size: int, causal: bool, interpret: bool, tiles: tuple[int, int]
+    q,
+    k,
+    block_size: int,
+    causal: bool,
+    interpret: bool,
+    tiles: tuple[int, int],
+    splits: int | None,
 ) -> jax.Array:
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     q_rows, k_rows = tiles[0] * block_size, tiles[1] * block_size
     num_k_tiles = _cdiv(kv_len, k_rows)
+    if splits is None:
+        splits = query_splits(num_k_tiles, batch)
     padded_head_dim = max(MIN_TILE, pl.next_power_of_2(head_dim))
     unit = max(q_rows, k_rows)  # both powers of two times the block: the larger is a multiple
 
@@ -191,26 +226,32 @@ def _block_scores_pallas(
         kv_len=kv_len,
         causal=causal,
         group=num_heads // num_kv_heads,
+        splits=splits,
     )
 
     def whole(x):  # all rows and heads of one batch row
-        return pl.BlockSpec((None, *x.shape[1:]), lambda n, b: (b, 0, 0, 0))
+        return pl.BlockSpec((None, *x.shape[1:]), lambda n, b, s: (b, 0, 0, 0))
 
     scores = pl.pallas_call(
         kernel,
-        grid=(num_k_tiles, batch),
+        grid=(num_k_tiles, batch, splits),
         in_specs=[whole(q), whole(k)],
-        out_specs=pl.BlockSpec((None, tiles[1], _OUT_WIDTH), lambda n, b: (b, n, 0)),
-        out_shape=jax.ShapeDtypeStruct((batch, num_k_tiles * tiles[1], _OUT_WIDTH), jnp.float32),
+        out_specs=pl.BlockSpec((None, None, tiles[1], _OUT_WIDTH), lambda n, b, s: (b, s, n, 0)),
+        out_shape=jax.ShapeDtypeStruct(
+            (batch, splits, num_k_tiles * tiles[1], _OUT_WIDTH), jnp.float32
+        ),
         compiler_params=plgpu.CompilerParams(num_warps=4 if tiles == (1, 1) else 8, num_stages=2),
         interpret=interpret,
         name="lemo_block_scores",
     )(q, k)
     num_k_blocks = _cdiv(kv_len, block_size)
-    return scores[:, :num_k_blocks, 0] / (math.sqrt(head_dim) * num_heads)
+    scores = jnp.sum(scores[:, :, :num_k_blocks, 0], axis=1)  # the splits' partial sums
+    return scores / (math.sqrt(head_dim) * num_heads)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "causal", "impl", "interpret", "tiles"))
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "causal", "impl", "interpret", "tiles", "splits")
+)
 def block_scores(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
@@ -220,6 +261,7 @@ def block_scores(
     impl: str = "xla",
     interpret: bool | None = None,
     tiles: tuple[int, int] = (1, 1),
+    splits: int | None = 1,
 ) -> jax.Array:  # [B, ceil(S / block_size)] float32
     """LeMo key-block scores score[n] = sum_m max_tile(m, n) sum_h relu(s_h) / N (module doc).
 
@@ -227,7 +269,8 @@ def block_scores(
     bf16; logits and scores are fp32. No gradient flows: the inputs are stop_gradient'ed.
     `impl`: "xla" (tiled jnp), "pallas" (fused kernel; block_size a power of two >= 16;
     `interpret=None` interprets it off the GPU; `tiles=(q, k)`: query and key blocks per
-    kernel tile, powers of two) or "reference" (direct O(T * S)).
+    kernel tile, powers of two; `splits`: programs sharing each key tile's query range,
+    None = `query_splits`) or "reference" (direct O(T * S)).
     """
     _check_shapes(q, k, block_size, causal)
     if impl not in _IMPLS:
@@ -242,7 +285,9 @@ def block_scores(
             raise ValueError(f"tiles must be two powers of two (query, key blocks); got {tiles}")
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
-        return _block_scores_pallas(q, k, block_size, causal, interpret, tuple(tiles))
+        if splits is not None and splits < 1:
+            raise ValueError(f"splits must be at least 1; got {splits}")
+        return _block_scores_pallas(q, k, block_size, causal, interpret, tuple(tiles), splits)
     if impl == "reference":
         return block_scores_reference(q, k, block_size=block_size, causal=causal)
     return _block_scores_xla(q, k, block_size, causal)

@@ -84,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--score-tiles", default="1x1", help="block_scores Pallas tiles, e.g. 1x1,2x2 (q x k)"
     )
+    parser.add_argument(
+        "--score-splits",
+        default="1",
+        help="block_scores Pallas programs per key tile, e.g. 1,4,auto",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     lengths = parse_ints(args.seq_lens, "--seq-lens")
@@ -104,18 +109,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         flush=True,
     )
     score_tiles = _parse_tiles(args.score_tiles)
+    score_splits = _parse_splits(args.score_splits)
+    kernel_variants = [(tiles, splits) for tiles in score_tiles for splits in score_splits]
     rows = []
     for seq_len in lengths:
         for op in ops:
             variants = [
-                (impl, tiles)
+                (impl, variant)
                 for impl in impls
-                for tiles in (score_tiles if op == "block_scores" and impl == "pallas" else [None])
+                for variant in (
+                    kernel_variants if op == "block_scores" and impl == "pallas" else [None]
+                )
             ]
-            for impl, tiles in variants:
-                function, inputs, work = _op(op, impl, seq_len, args, tiles)
-                if tiles is not None and tiles != (1, 1):
-                    impl = f"{impl}:{tiles[0]}x{tiles[1]}"
+            for impl, variant in variants:
+                function, inputs, work = _op(op, impl, seq_len, args, variant)
+                if variant is not None and variant != ((1, 1), 1):
+                    (q_blocks, k_blocks), splits = variant
+                    impl = f"{impl}:{q_blocks}x{k_blocks}"
+                    if splits != 1:
+                        impl += f"/s{'auto' if splits is None else splits}"
                 seconds = best_seconds(function, *inputs, repeats=args.repeats)
                 ceiling = flops_ceiling if op == "block_scores" else bytes_ceiling
                 row = dict(
@@ -133,11 +145,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"\nceilings on {device}: matmul {flops_ceiling / 1e12:.0f} TFLOP/s, "
         f"copy {bytes_ceiling / 1e12:.2f} TB/s"
     )
-    print(f"{'op':<16}{'impl':<12}{'tokens':>8}{'ms':>10}{'rate':>16}{'of ceiling':>12}")
+    print(f"{'op':<16}{'impl':<16}{'tokens':>8}{'ms':>10}{'rate':>16}{'of ceiling':>12}")
     for row in rows:
         rate = f"{row['rate']:.2f} {row['unit']}"
         print(
-            f"{row['op']:<16}{row['impl']:<12}{row['seq_len']:>8}{row['ms']:>10.3f}"
+            f"{row['op']:<16}{row['impl']:<16}{row['seq_len']:>8}{row['ms']:>10.3f}"
             f"{rate:>16}{row['fraction_of_ceiling']:>12.2f}"
         )
 
@@ -153,14 +165,30 @@ def _parse_tiles(text: str) -> list[tuple[int, int]]:
     return tiles or [(1, 1)]
 
 
-def _op(op: str, impl: str, seq_len: int, args: argparse.Namespace, tiles=None):
-    """(function, its inputs, its work in FLOPs or bytes) for one measurement."""
+def _parse_splits(text: str) -> list[int | None]:
+    splits = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part == "auto":
+            splits.append(None)
+            continue
+        try:
+            splits.append(int(part))
+        except ValueError:
+            raise UserError(f"--score-splits expects integers or auto, got {part!r}") from None
+        if splits[-1] < 1:
+            raise UserError(f"--score-splits must be at least 1, got {part!r}")
+    return splits or [1]
+
+
+def _op(op: str, impl: str, seq_len: int, args: argparse.Namespace, variant=None):
+    """(function, its inputs, its work in FLOPs or bytes) for one measurement; `variant`:
+    the block-score kernel's (tiles, splits)."""
     key = jax.random.key(seq_len)
     if op == "block_scores":
         key_q, key_k = jax.random.split(key)
         q = jax.random.normal(key_q, (1, seq_len, args.heads, args.head_dim), jnp.bfloat16)
         k = jax.random.normal(key_k, (1, seq_len, args.kv_heads, args.head_dim), jnp.bfloat16)
-        extra = {} if tiles is None else {"tiles": tiles}
+        extra = {} if variant is None else {"tiles": variant[0], "splits": variant[1]}
         function = jax.jit(
             lambda q, k: block_scores(
                 q, k, block_size=args.block_size, causal=True, impl=impl, **extra

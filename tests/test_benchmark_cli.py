@@ -95,6 +95,21 @@ def test_kernel_benchmark_reports_ceilings_and_fractions():
     assert row["ms"] > 0 and row["fraction_of_ceiling"] > 0
 
 
+def test_kernel_benchmark_labels_block_score_tiles_and_splits():
+    result = run_script(
+        "bench_kernels.py",
+        *("--seq-lens", "256", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"),
+        *("--repeats", "1", "--impls", "pallas", "--ops", "block_scores"),
+        *("--block-size", "16", "--score-tiles", "2x1", "--score-splits", "1,auto"),
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")][1:]
+    labels = [row["impl"] for row in rows]
+    assert labels == ["pallas:2x1", "pallas:2x1/sauto"]
+    bad = run_script("bench_kernels.py", "--score-splits", "0", timeout=120)
+    assert bad.returncode == 2 and "--score-splits must be at least 1" in bad.stderr
+
+
 def test_the_peer_has_no_compiled_memory():
     result = run_script(
         "benchmark.py",

@@ -18,6 +18,7 @@ import pytest
 from tolerances import TOLERANCES, relative_error
 
 from pallas_kernels import block_scores, block_scores_reference
+from pallas_kernels.block_scores import query_splits
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 
@@ -84,6 +85,26 @@ def test_kernel_tiles_of_several_blocks(case, tiles):
     scores = block_scores(q, k, block_size=block_size, causal=causal, impl="pallas", tiles=tiles)
     expected = _reference(q.astype(F32), k.astype(F32), block_size=block_size, causal=causal)
     assert relative_error(scores, expected) < TOLERANCES[jnp.dtype(F32)].forward
+
+
+@pytest.mark.parametrize("splits", [1, 3, 8])
+@pytest.mark.parametrize("case", [CASES[i] for i in (2, 6, 11)], ids=_case_id)
+def test_query_range_split_over_programs(case, splits):
+    """Each key tile's query tiles shared by several programs (partial sums added after the
+    kernel) give the same scores, also when a split has no query tile left (causal tails)."""
+    shape, block_size, dtype, causal = case
+    q, k = _inputs(*shape, dtype)
+    scores = block_scores(
+        q, k, block_size=block_size, causal=causal, impl="pallas", tiles=(2, 1), splits=splits
+    )
+    expected = _reference(q.astype(F32), k.astype(F32), block_size=block_size, causal=causal)
+    assert relative_error(scores, expected) < TOLERANCES[jnp.dtype(F32)].forward
+
+
+def test_short_sequences_get_more_programs_per_key_tile():
+    assert query_splits(num_k_tiles=128, batch=1) == 4  # 16K tokens, 4x2 tiles of 64
+    assert query_splits(num_k_tiles=512, batch=1) == 1  # 64K tokens
+    assert query_splits(num_k_tiles=2, batch=1) == 8  # never more than 8
 
 
 # q = [1, 2, -1, -0.5], k = [1, 0.5, 2, -5], H = 1 (scale 1), N = 1: s(i, j) = q_i * k_j, exact.
