@@ -62,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     print(f"step {result.step} | loss {loss} | mean recall {mean} | per layer {per_layer}")
+    if result.mlp_recall:
+        per_layer = " ".join(f"{layer}:{value:.2f}" for layer, value in result.mlp_recall.items())
+        print(f"MLP token recall: mean {result.mean_mlp_recall:.3f} | per layer {per_layer}")
     print(f"predictors in {result.directory} (recall.json)")
 
 

@@ -15,13 +15,16 @@ computed from each layer's input in the dense model, so no elimination upstream 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from lemo_jax.model.llama import Llama, matmul_precision
+from lemo_jax.lemo.layer import mlp_intermediate, token_magnitudes
+from lemo_jax.model.llama import PROJECTIONS, Llama, matmul_precision
 from lemo_jax.model.rope import rotary_angles
 from pallas_kernels import block_scores
 
@@ -43,7 +46,17 @@ def layer_block_scores(
 
 @nnx.jit(static_argnames=("block_size",))
 def _layer_block_scores(model: Llama, token_ids, block_size: int):
-    return dense_layer_scan(model, token_ids, block_size=block_size)[1]
+    return dense_layer_scan(model, token_ids, block_size=block_size).scores
+
+
+class LayerScan(NamedTuple):
+    """Per layer of a dense pass: attention inputs and block scores, MLP inputs and token
+    magnitudes (None unless asked for)."""
+
+    inputs: Float[Array, "L B T D"] | None
+    scores: Float[Array, "L B M"]
+    mlp_inputs: Float[Array, "L B T D"] | None = None
+    mlp_scores: Float[Array, "L B T"] | None = None
 
 
 def dense_layer_scan(
@@ -53,9 +66,12 @@ def dense_layer_scan(
     block_size: int,
     kernels: str = "xla",
     keep_inputs: bool = False,
-) -> tuple[Float[Array, "L B T D"] | None, Float[Array, "L B M"]]:
-    """One pass of the dense `model` over its layers: per layer the normalised attention input
-    (with `keep_inputs`, else None) and the oracle key-block scores from it."""
+    keep_mlp: bool = False,
+) -> LayerScan:
+    """One pass of the dense `model` over its layers: per layer the oracle key-block scores of
+    its normalised attention input (and that input, with `keep_inputs`); with `keep_mlp` also
+    the normalised MLP input and the oracle's per-token MLP magnitudes
+    ||silu(gate(x)) * up(x)||^2 (`lemo_jax.lemo.layer.token_magnitudes`)."""
     with matmul_precision(model.config.compute_jnp_dtype):
         B, T = token_ids.shape
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -71,12 +87,20 @@ def dense_layer_scan(
             x = layer.attention_norm(h)
             query, key = layer.attention.rotated_query_key(x, cos, sin)
             scores = block_scores(query, key, block_size=block_size, causal=True, impl=kernels)
-            # No dropout key: the frozen model, no dropout.
-            return layer(h, cos, sin, None), ((x if keep_inputs else None), scores)
+            if not keep_mlp:
+                # No dropout key: the frozen model, no dropout.
+                return layer(h, cos, sin, None), ((x if keep_inputs else None), scores, None, None)
+            keys = dict.fromkeys(PROJECTIONS)
+            h = h + layer.attention(x, cos, sin, keys)
+            mlp_input = layer.mlp_norm(h)
+            intermediate = mlp_intermediate(layer.mlp, mlp_input)
+            h = h + layer.mlp.down_proj(intermediate, dropout_key=None)
+            outputs = (x if keep_inputs else None), scores, mlp_input
+            return h, (*outputs, token_magnitudes(intermediate))
 
         h = model.embedding(token_ids)  # [B, T, D]
-        _, (inputs, scores) = jax.lax.scan(body, h, jnp.arange(model.config.num_layers))
-    return inputs, scores
+        _, outputs = jax.lax.scan(body, h, jnp.arange(model.config.num_layers))
+    return LayerScan(*outputs)
 
 
 def _reference_maximum(scores: np.ndarray, outlier_quantile: float) -> np.ndarray:

@@ -153,14 +153,29 @@ def eliminated_attention(
     return scatter_add_rows(h, token_ids, out, kernels)
 
 
+def mlp_intermediate(mlp, x: Float[Array, "B T D"]) -> Float[Array, "B T F"]:
+    """silu(gate(x)) * up(x) of the frozen MLP, without dropout."""
+    return jax.nn.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+def token_magnitudes(intermediate: Float[Array, "B T F"]) -> Float[Array, "B T"]:
+    """The token-sparse MLP's oracle criterion: ||intermediate||^2 per token, in float32."""
+    return jnp.sum(jnp.square(intermediate.astype(jnp.float32)), axis=-1)
+
+
 def token_sparse_mlp(
-    layer, h: Float[Array, "B T D"], num_tokens: int, keys, kernels: str = "xla"
+    layer,
+    h: Float[Array, "B T D"],
+    num_tokens: int,
+    keys,
+    kernels: str = "xla",
+    scorer=None,
 ) -> Float[Array, "B T D"]:
     """h + MLP over the `num_tokens` tokens with the largest intermediate activation
-    ||silu(gate(x)) * up(x)|| (the paper's MLP criterion), added back at their rows."""
+    ||silu(gate(x)) * up(x)|| (the paper's MLP criterion), or the largest `scorer(x)` (a
+    trained predictor's [B, T] scores, paper section 4.3), added back at their rows."""
     x = layer.mlp_norm(jax.lax.stop_gradient(h))
-    intermediate = jax.nn.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)  # [B, T, F]
-    magnitude = jnp.sum(jnp.square(intermediate.astype(jnp.float32)), axis=-1)
+    magnitude = token_magnitudes(mlp_intermediate(layer.mlp, x)) if scorer is None else scorer(x)
     _, token_ids = jax.lax.top_k(jax.lax.stop_gradient(magnitude), num_tokens)
     token_ids = jnp.sort(token_ids, axis=-1).astype(jnp.int32)
     out = layer.mlp(selective_load(layer.mlp_norm, h, token_ids, kernels), keys)

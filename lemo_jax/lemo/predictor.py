@@ -20,7 +20,10 @@ Two architectures (`PredictorConfig.architecture`):
   0.859 against 0.847 for `chunks` with the same loss, at a third of its FLOPs and 1/16 of its
   weights.
 
-and the layer keeps the top-k blocks by `score`, as it would by the oracle's. The predictors
+and the layer keeps the top-k blocks by `score`, as it would by the oracle's. With `mlp`, each
+layer also has a `TokenScorer` ranking tokens for a token-sparse MLP from the MLP's normalised
+input, in place of the oracle's ||silu(gate(x)) * up(x)||, which costs two of the MLP's three
+full-length projections. The predictors
 are trained offline against the oracle scores with the base model frozen; in the model their
 output is under stop-gradient. All L layers' networks are stacked on a leading [L] axis, so a
 layer group's scan reads its layers' predictors by index, like the layers' own parameters.
@@ -60,6 +63,7 @@ class PredictorConfig:
     block_size: int = 64
     rank: int = 128
     architecture: str = "pooled"  # "pooled" or "chunks" (module doc)
+    mlp: bool = False  # also a per-token scorer for token-sparse MLPs (module doc)
 
     def __post_init__(self):
         if self.architecture not in ("pooled", "chunks"):
@@ -107,10 +111,25 @@ class TokenPath(nnx.Module):
         return jax.nn.relu(x @ self.w1[...].astype(dtype)) @ self.w2[...].astype(dtype)
 
 
+class TokenScorer(nnx.Module):
+    """relu(x W1) W2 w3 per token ([D, r], [r, r], [r]): a token's predicted MLP activation
+    norm, ||silu(gate(x)) * up(x)||^2 up to a monotone map (the token-sparse MLP's criterion)."""
+
+    def __init__(self, features: int, rank: int, rngs: nnx.Rngs):
+        self.path = TokenPath(features, rank, rngs)
+        self.w3 = PredictorParam(jax.random.normal(rngs.params(), (rank,)) / np.sqrt(rank))
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T"]:
+        hidden = self.path(x)
+        return jnp.einsum("btr,r->bt", hidden, self.w3[...].astype(x.dtype)).astype(jnp.float32)
+
+
 class LayerPredictor(nnx.Module):
-    """One layer's Q and K networks."""
+    """One layer's Q and K networks, and with `config.mlp` its MLP token scorer."""
 
     def __init__(self, config: PredictorConfig, rngs: nnx.Rngs):
+        if config.mlp:
+            self.mlp_tokens = TokenScorer(config.model_dim, config.rank, rngs)
         if config.architecture == "pooled":
             self.query = TokenPath(config.model_dim, config.rank, rngs)
             self.key = TokenPath(config.model_dim, config.rank, rngs)
@@ -178,6 +197,12 @@ class BlockScorePredictor(nnx.Module):
 
     def __call__(self, index, x: Float[Array, "B T D"]) -> Float[Array, "B M"]:
         return self.layer(index)(x)
+
+    def token_scores(self, index, x: Float[Array, "B T D"]) -> Float[Array, "B T"]:
+        """Layer `index`'s predicted MLP token scores from its normalised MLP input."""
+        if not self.config.mlp:
+            raise ValueError("these predictors have no MLP token scorers (PredictorConfig.mlp)")
+        return self.layer(index).mlp_tokens(x)
 
 
 def save_predictor(predictor: BlockScorePredictor, directory: str | Path) -> Path:

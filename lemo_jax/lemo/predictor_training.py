@@ -42,18 +42,24 @@ from lemo_jax.train.setup import build_model, predictor_config_for
 
 @dataclasses.dataclass(frozen=True)
 class OracleBatch:
-    """Per layer: the normalised attention inputs [L, B, T, D] and oracle scores [L, B, M]."""
+    """Per layer: the normalised attention inputs [L, B, T, D] and oracle scores [L, B, M];
+    for MLP token scorers also the normalised MLP inputs [L, B, T, D] and the oracle's token
+    magnitudes [L, B, T] (else None)."""
 
     inputs: jax.Array
     scores: jax.Array
+    mlp_inputs: jax.Array | None = None
+    mlp_scores: jax.Array | None = None
 
 
-def oracle_batch(model: Llama, token_ids: jax.Array, *, block_size: int, kernels: str):
-    """The frozen dense model's per-layer predictor inputs and oracle block scores."""
-    inputs, scores = dense_layer_scan(
-        model, token_ids, block_size=block_size, kernels=kernels, keep_inputs=True
+def oracle_batch(
+    model: Llama, token_ids: jax.Array, *, block_size: int, kernels: str, mlp: bool = False
+):
+    """The frozen dense model's per-layer predictor inputs and oracle scores."""
+    scan = dense_layer_scan(
+        model, token_ids, block_size=block_size, kernels=kernels, keep_inputs=True, keep_mlp=mlp
     )
-    return OracleBatch(jax.lax.stop_gradient(inputs), jax.lax.stop_gradient(scores))
+    return OracleBatch(*(None if part is None else jax.lax.stop_gradient(part) for part in scan))
 
 
 def _standardise(scores: jax.Array) -> jax.Array:
@@ -69,18 +75,29 @@ def _ranks(scores: jax.Array) -> jax.Array:
 
 def predictor_loss(predictor: BlockScorePredictor, batch: OracleBatch) -> jax.Array:
     """SmoothL1 between the standardised predictions and the standardised ranks of the oracle
-    scores, mean over blocks and examples, summed over layers."""
+    scores, mean over blocks (tokens for MLP scorers) and examples, summed over layers and, with
+    MLP scorers, over both kinds."""
+
+    def fit(predicted, target):
+        predicted, target = _standardise(predicted), _standardise(_ranks(target))
+        return jnp.mean(optax.huber_loss(predicted, target, delta=1.0))
 
     def layer_loss(total, layer):
-        index, inputs, scores = layer
-        predicted = _standardise(predictor(index, inputs))
-        target = _standardise(_ranks(scores))
-        return total + jnp.mean(optax.huber_loss(predicted, target, delta=1.0)), None
+        index, inputs, scores, mlp_inputs, mlp_scores = layer
+        total = total + fit(predictor(index, inputs), scores)
+        if mlp_inputs is not None:  # the MLP token scorer, fitted the same way
+            total = total + fit(predictor.token_scores(index, mlp_inputs), mlp_scores)
+        return total, None
 
     num_layers = batch.scores.shape[0]
-    total, _ = jax.lax.scan(
-        layer_loss, jnp.zeros((), jnp.float32), (jnp.arange(num_layers), batch.inputs, batch.scores)
+    layers = (
+        jnp.arange(num_layers),
+        batch.inputs,
+        batch.scores,
+        batch.mlp_inputs,
+        batch.mlp_scores,
     )
+    total, _ = jax.lax.scan(layer_loss, jnp.zeros((), jnp.float32), layers)
     return total
 
 
@@ -100,6 +117,30 @@ def layer_recall(
     return recalls
 
 
+def _top_mask(scores: jax.Array, kept: int) -> jax.Array:
+    """[B, T] bool: each example's `kept` highest-scoring tokens."""
+    _, ids = jax.lax.top_k(scores, kept)
+    rows = jnp.arange(scores.shape[0])[:, None]
+    return jnp.zeros(scores.shape, bool).at[rows, ids].set(True)
+
+
+def mlp_token_recall(
+    predictor: BlockScorePredictor, batch: OracleBatch, budgets: LayerBudgets
+) -> dict[int, float]:
+    """{layer: recall} of the MLP token scorers over the layers whose MLP keeps fewer than all
+    tokens: the share of the oracle's top-k tokens that the scorer's top-k also picks."""
+    recalls = {}
+    for layer, kept_blocks in enumerate(budgets.mlp_blocks):
+        if kept_blocks is None or kept_blocks >= budgets.num_blocks:
+            continue
+        kept = kept_blocks * budgets.block_size
+        predicted = predictor.token_scores(layer, batch.mlp_inputs[layer])
+        both = _top_mask(predicted, kept) & _top_mask(batch.mlp_scores[layer], kept)
+        hits = jnp.sum(both, axis=-1)
+        recalls[layer] = float(jnp.mean(hits / kept))
+    return recalls
+
+
 def make_predictor_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation):
     """A jitted `step(params, opt_state, batch) -> (params, opt_state, loss)`."""
 
@@ -115,7 +156,9 @@ def make_predictor_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfo
     return step
 
 
-jax.tree_util.register_dataclass(OracleBatch, data_fields=["inputs", "scores"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    OracleBatch, data_fields=["inputs", "scores", "mlp_inputs", "mlp_scores"], meta_fields=[]
+)
 
 
 @dataclasses.dataclass
@@ -128,6 +171,11 @@ class PredictorRun:
     recall: dict[int, float]
     mean_recall: float | None
     resumed_from: int | None = None
+    mlp_recall: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def mean_mlp_recall(self) -> float | None:
+        return _mean(self.mlp_recall.values())
 
 
 def _mean(values) -> float | None:
@@ -171,9 +219,14 @@ def train_predictors(
     model_graph, model_state = nnx.split(model)
     del model
     kernels = resolve_kernels(lemo, "block_scores")
+    with_mlp = predictor.config.mlp  # token-sparse MLPs: fit their token scorers too
     collect = jax.jit(
         lambda state, ids: oracle_batch(
-            nnx.merge(model_graph, state), ids, block_size=lemo.block_size, kernels=kernels
+            nnx.merge(model_graph, state),
+            ids,
+            block_size=lemo.block_size,
+            kernels=kernels,
+            mlp=with_mlp,
         )
     )
     step_fn = make_predictor_step(graphdef, optimizer)
@@ -195,18 +248,28 @@ def train_predictors(
     checkpoints.close()
 
     trained = nnx.merge(graphdef, params)
-    per_batch = []
+    per_batch, mlp_per_batch = [], []
     for index in range(min(eval_batches, len(validation_windows))):
-        token_ids = jnp.asarray(validation_windows.batch([index]))
-        per_batch.append(
-            layer_recall(trained, collect(model_state, token_ids), budgets, lemo.keep_first_blocks)
-        )
-    recall = {
-        layer: _mean(r[layer] for r in per_batch) for layer in (per_batch[0] if per_batch else {})
-    }
+        batch = collect(model_state, jnp.asarray(validation_windows.batch([index])))
+        per_batch.append(layer_recall(trained, batch, budgets, lemo.keep_first_blocks))
+        if with_mlp:
+            mlp_per_batch.append(mlp_token_recall(trained, batch, budgets))
+
+    def average(batches):
+        return {
+            layer: _mean(r[layer] for r in batches) for layer in (batches[0] if batches else {})
+        }
+
+    recall, mlp_recall = average(per_batch), average(mlp_per_batch)
     save_predictor(trained, directory)
     result = PredictorRun(
-        directory, max(start, steps), loss, recall, _mean(recall.values()), resumed_from
+        directory,
+        max(start, steps),
+        loss,
+        recall,
+        _mean(recall.values()),
+        resumed_from,
+        mlp_recall,
     )
     (directory / "recall.json").write_text(
         json.dumps(
@@ -217,6 +280,14 @@ def train_predictors(
                 validation_windows=len(per_batch),
                 mean_recall=result.mean_recall,
                 per_layer={str(layer): value for layer, value in recall.items()},
+                **(
+                    dict(
+                        mlp_mean_recall=result.mean_mlp_recall,
+                        mlp_per_layer={str(layer): value for layer, value in mlp_recall.items()},
+                    )
+                    if with_mlp
+                    else {}
+                ),
             ),
             indent=1,
         )

@@ -8,6 +8,7 @@ arguments rather than NNX RNG state, so the layer stays a pure function inside t
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -137,10 +138,12 @@ class DecoderLayer(nnx.Module):
         *,
         attention_token_ids: Int[Array, "B R"] | None = None,
         mlp_tokens: int | None = None,
+        mlp_scorer=None,
         kernels: str = "xla",
     ) -> Float[Array, "B T D"]:
         """With `attention_token_ids`, attention runs on those tokens only; with `mlp_tokens`,
-        the MLP runs on that many tokens (LeMo token elimination, `lemo_jax.lemo.layer`)."""
+        the MLP runs on that many tokens, chosen by the oracle or by `mlp_scorer(x)` (LeMo
+        token elimination, `lemo_jax.lemo.layer`)."""
         keys = _projection_keys(dropout_key)
         if attention_token_ids is None:
             h = x + self.attention(self.attention_norm(x), cos, sin, keys)
@@ -148,7 +151,7 @@ class DecoderLayer(nnx.Module):
             h = eliminated_attention(self, x, attention_token_ids, cos, sin, keys, kernels)
         if mlp_tokens is None:
             return h + self.mlp(self.mlp_norm(h), keys)
-        return token_sparse_mlp(self, h, mlp_tokens, keys, kernels)
+        return token_sparse_mlp(self, h, mlp_tokens, keys, kernels, scorer=mlp_scorer)
 
 
 def _projection_keys(key: jax.Array | None) -> dict[str, jax.Array | None]:
@@ -245,7 +248,14 @@ class Llama(nnx.Module):
             )
             return nnx.merge(graphdef, state)
 
+        # Under predictors the MLP's tokens come from the layer's token scorer (cheap enough to
+        # recompute with the layer: the MLP input exists only inside the layer's update).
+        predicts_mlp = mlp_tokens is not None and plan.scorer == "predictor"
+
         def update(h, index, key, token_ids):
+            mlp_scorer = None
+            if predicts_mlp:
+                mlp_scorer = functools.partial(self.block_predictor.token_scores, index)
             return layer_at(index)(
                 h,
                 cos,
@@ -253,6 +263,7 @@ class Llama(nnx.Module):
                 key,
                 attention_token_ids=token_ids,
                 mlp_tokens=mlp_tokens,
+                mlp_scorer=mlp_scorer,
                 kernels=kernels,
             )
 

@@ -112,6 +112,7 @@ def predictor_config_for(model_config: ModelConfig, lemo: LemoConfig) -> Predict
         chunk_dim=model_config.head_dim,
         block_size=lemo.block_size,
         architecture=lemo.predictor_architecture,
+        mlp=lemo.mlp == "token_sparse",
     )
 
 
