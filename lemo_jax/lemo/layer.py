@@ -24,7 +24,7 @@ from pallas_kernels import block_scores, gather_rmsnorm
 from pallas_kernels import scatter_add_rows as _scatter_add_rows
 
 # Query x key blocks per product of the Pallas block-score kernel: the fastest on the H200 at
-# Llama-2-7B shapes (16K-64K tokens; BENCHMARKS.md, "Block-score kernel").
+# Llama-2-7B shapes (16K-64K tokens; BENCHMARKS.md, "Sparse-path kernels on the H200").
 SCORE_TILES = (4, 2)
 
 
