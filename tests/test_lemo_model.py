@@ -76,8 +76,7 @@ def masked_dense_attention(layer, h, kept, cos, sin):
 
 def test_hand_written_keep_set_matches_masked_dense_reference():
     model = model_with_active_lora()
-    graphdef, state = nnx.split(model.layers)
-    layer = nnx.merge(graphdef, jax.tree.map(lambda p: p[1], state))
+    layer = model.layer(1)
     B, T, D = 2, 96, CONFIG.model_dim
     h = 0.5 * jax.random.normal(jax.random.key(2), (B, T, D))
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -114,8 +113,7 @@ def test_mean_score_reduction_divides_by_the_visible_query_blocks():
     import pallas_kernels
 
     model = model_with_active_lora()
-    graphdef, state = nnx.split(model.layers)
-    layer = nnx.merge(graphdef, jax.tree.map(lambda p: p[0], state))
+    layer = model.layer(0)
     B, T = 1, 128
     h = jax.random.normal(jax.random.key(4), (B, T, CONFIG.model_dim))
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -152,8 +150,7 @@ def test_pallas_and_xla_kernels_select_the_same_tokens_and_give_the_same_step():
         EliminationPlan(BLOCK, groups, kernels=kernels, row_kernels=kernels)
         for kernels in ("xla", "pallas")
     ]
-    graphdef, stacked = nnx.split(model.layers)
-    layer = nnx.merge(graphdef, jax.tree.map(lambda p: p[1], stacked))  # first pruned layer
+    layer = model.layer(1)  # the first pruned layer
     positions = jnp.broadcast_to(jnp.arange(T), (2, T))
     cos, sin = rotary_angles(CONFIG.rope, CONFIG.head_dim, positions)
     h = model.embedding(token_ids)

@@ -265,8 +265,7 @@ def test_mlp_token_scorers_beat_random_and_drive_token_sparse_finetuning(tmp_pat
 def test_token_sparse_mlp_keeps_the_scorers_top_tokens():
     config = get_model_config("tiny")
     model = Llama(config, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model.layers)
-    layer = nnx.merge(graphdef, jax.tree.map(lambda p: p[0], state))
+    layer = model.layer(0)
     h = jax.random.normal(jax.random.key(1), (1, 64, config.model_dim))
 
     def scorer(x):  # prefers the last tokens

@@ -125,7 +125,7 @@ def _paper_recipe(name: str, preset: str, *, rope_scaling: str, rope_factor: flo
             adam_b2=0.95,
             # Recompute each layer except its flash-attention output and statistics: the
             # backward never reruns attention (the costliest op at 64K). On the H200 at 64K
-            # tokens: dense 11.3 s against 13.0 s with "full". Use "full" for the longest
+            # tokens: dense 11.0 s against 13.0 s with "full". Use "full" for the longest
             # contexts (it keeps only each layer's input).
             remat="save_attention_output",
             eval_every=250,

@@ -76,27 +76,25 @@ def dense_layer_scan(
         B, T = token_ids.shape
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rotary_angles(model.config.rope, model.config.head_dim, positions)
-        graphdef, layer_state = nnx.split(model.layers)
+        no_dropout = dict.fromkeys(PROJECTIONS)
 
         def body(h, index):
-            # One layer out of the [L] stack by index, as `Llama._run_group` takes it.
-            state = jax.tree.map(
-                lambda p: jax.lax.dynamic_index_in_dim(p, index, 0, False), layer_state
-            )
-            layer = nnx.merge(graphdef, state)
+            layer = model.layer(index)  # the frozen dense layer, without dropout
             x = layer.attention_norm(h)
             query, key = layer.attention.rotated_query_key(x, cos, sin)
             scores = block_scores(query, key, block_size=block_size, causal=True, impl=kernels)
-            if not keep_mlp:
-                # No dropout key: the frozen model, no dropout.
-                return layer(h, cos, sin, None), ((x if keep_inputs else None), scores, None, None)
-            keys = dict.fromkeys(PROJECTIONS)
-            h = h + layer.attention(x, cos, sin, keys)
+            h = h + layer.attention(x, cos, sin, no_dropout)
             mlp_input = layer.mlp_norm(h)
             intermediate = mlp_intermediate(layer.mlp, mlp_input)
             h = h + layer.mlp.down_proj(intermediate, dropout_key=None)
-            outputs = (x if keep_inputs else None), scores, mlp_input
-            return h, (*outputs, token_magnitudes(intermediate))
+            if not keep_mlp:
+                return h, ((x if keep_inputs else None), scores, None, None)
+            return h, (
+                (x if keep_inputs else None),
+                scores,
+                mlp_input,
+                token_magnitudes(intermediate),
+            )
 
         h = model.embedding(token_ids)  # [B, T, D]
         _, outputs = jax.lax.scan(body, h, jnp.arange(model.config.num_layers))

@@ -9,8 +9,9 @@ scores among the example's blocks; predictions and ranks are both standardised p
 matters for the top-k selection, the raw scales differ by layer and length, and a few blocks
 (the sequence start) score far above the rest, which squeezes the others together after a
 plain standardisation. Measured (BENCHMARKS.md): on `tiny` with the `chunks` networks 0.875
-with standardised scores or ranks, against 0.453 for raw predictions fitted to targets divided
-by their maximum; on SmolLM2 at 2,048 tokens 0.847 with ranks against 0.826 with scores.
+with standardised scores or ranks (no difference there), against 0.453 for raw predictions
+fitted to targets divided by their maximum. Ranks were kept for the squeezing argument and an
+exploratory SmolLM2 comparison that is not a reproducible result (BENCHMARKS.md says which).
 
 Recall at a layer is the fraction of the oracle's top-k blocks (k = the layer's budget in the
 run's LeMo plan, the first `keep_first_blocks` forced in both) that the predictor's top-k also
@@ -32,7 +33,7 @@ from lemo_jax.configs.run import RunConfig
 from lemo_jax.data.pipeline import ShuffledSampler, prepare_data
 from lemo_jax.io.checkpoint import RunCheckpoints
 from lemo_jax.lemo.budgets import LayerBudgets, layer_budgets
-from lemo_jax.lemo.calibrate import dense_layer_scan
+from lemo_jax.lemo.calibrate import LayerScan, dense_layer_scan
 from lemo_jax.lemo.config import resolve_kernels
 from lemo_jax.lemo.layer import top_blocks
 from lemo_jax.lemo.predictor import BlockScorePredictor, PredictorParam, save_predictor
@@ -40,26 +41,16 @@ from lemo_jax.model.llama import Llama
 from lemo_jax.train.setup import build_model, predictor_config_for
 
 
-@dataclasses.dataclass(frozen=True)
-class OracleBatch:
-    """Per layer: the normalised attention inputs [L, B, T, D] and oracle scores [L, B, M];
-    for MLP token scorers also the normalised MLP inputs [L, B, T, D] and the oracle's token
-    magnitudes [L, B, T] (else None)."""
-
-    inputs: jax.Array
-    scores: jax.Array
-    mlp_inputs: jax.Array | None = None
-    mlp_scores: jax.Array | None = None
-
-
 def oracle_batch(
     model: Llama, token_ids: jax.Array, *, block_size: int, kernels: str, mlp: bool = False
-):
-    """The frozen dense model's per-layer predictor inputs and oracle scores."""
+) -> LayerScan:
+    """The frozen dense model's per-layer predictor inputs and oracle scores: the attention
+    inputs [L, B, T, D] and block scores [L, B, M], and for MLP token scorers (`mlp`) the MLP
+    inputs [L, B, T, D] and the oracle's token magnitudes [L, B, T]."""
     scan = dense_layer_scan(
         model, token_ids, block_size=block_size, kernels=kernels, keep_inputs=True, keep_mlp=mlp
     )
-    return OracleBatch(*(None if part is None else jax.lax.stop_gradient(part) for part in scan))
+    return jax.lax.stop_gradient(scan)
 
 
 def _standardise(scores: jax.Array) -> jax.Array:
@@ -73,7 +64,7 @@ def _ranks(scores: jax.Array) -> jax.Array:
     return jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1).astype(jnp.float32)
 
 
-def predictor_loss(predictor: BlockScorePredictor, batch: OracleBatch) -> jax.Array:
+def predictor_loss(predictor: BlockScorePredictor, batch: LayerScan) -> jax.Array:
     """SmoothL1 between the standardised predictions and the standardised ranks of the oracle
     scores, mean over blocks (tokens for MLP scorers) and examples, summed over layers and, with
     MLP scorers, over both kinds."""
@@ -102,7 +93,7 @@ def predictor_loss(predictor: BlockScorePredictor, batch: OracleBatch) -> jax.Ar
 
 
 def layer_recall(
-    predictor: BlockScorePredictor, batch: OracleBatch, budgets: LayerBudgets, keep_first: int
+    predictor: BlockScorePredictor, batch: LayerScan, budgets: LayerBudgets, keep_first: int
 ) -> dict[int, float]:
     """{layer: recall} over the layers whose attention keeps fewer than all blocks."""
     recalls = {}
@@ -125,7 +116,7 @@ def _top_mask(scores: jax.Array, kept: int) -> jax.Array:
 
 
 def mlp_token_recall(
-    predictor: BlockScorePredictor, batch: OracleBatch, budgets: LayerBudgets
+    predictor: BlockScorePredictor, batch: LayerScan, budgets: LayerBudgets
 ) -> dict[int, float]:
     """{layer: recall} of the MLP token scorers over the layers whose MLP keeps fewer than all
     tokens: the share of the oracle's top-k tokens that the scorer's top-k also picks."""
@@ -148,17 +139,12 @@ def make_predictor_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfo
         return predictor_loss(nnx.merge(graphdef, params), batch)
 
     @jax.jit
-    def step(params, opt_state, batch: OracleBatch):
+    def step(params, opt_state, batch: LayerScan):
         loss, grads = jax.value_and_grad(loss_of)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
-
-
-jax.tree_util.register_dataclass(
-    OracleBatch, data_fields=["inputs", "scores", "mlp_inputs", "mlp_scores"], meta_fields=[]
-)
 
 
 @dataclasses.dataclass
@@ -169,9 +155,12 @@ class PredictorRun:
     step: int
     loss: float | None
     recall: dict[int, float]
-    mean_recall: float | None
     resumed_from: int | None = None
     mlp_recall: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def mean_recall(self) -> float | None:
+        return _mean(self.recall.values())
 
     @property
     def mean_mlp_recall(self) -> float | None:
@@ -262,15 +251,7 @@ def train_predictors(
 
     recall, mlp_recall = average(per_batch), average(mlp_per_batch)
     save_predictor(trained, directory)
-    result = PredictorRun(
-        directory,
-        max(start, steps),
-        loss,
-        recall,
-        _mean(recall.values()),
-        resumed_from,
-        mlp_recall,
-    )
+    result = PredictorRun(directory, max(start, steps), loss, recall, resumed_from, mlp_recall)
     (directory / "recall.json").write_text(
         json.dumps(
             dict(

@@ -128,3 +128,12 @@ class Linear(nnx.Module):
             down = jnp.dot(x_in, self.lora_a[...].astype(dtype))
             y = y + self.lora_scale * jnp.dot(down, self.lora_b[...].astype(dtype))
         return y
+
+
+def stacked_at(stacked: nnx.Module, index) -> nnx.Module:
+    """Element `index` of a module whose parameters are stacked on a leading axis (made with
+    `nnx.vmap`), read by index: `index` may be traced, as inside a scan, and no slice of the
+    stack is copied."""
+    graphdef, state = nnx.split(stacked)
+    state = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, 0, False), state)
+    return nnx.merge(graphdef, state)

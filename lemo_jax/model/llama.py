@@ -24,7 +24,7 @@ from lemo_jax.lemo.layer import (
     token_sparse_mlp,
 )
 from lemo_jax.model.attention import causal_attention, resolve_backend
-from lemo_jax.model.layers import Embedding, Linear, RMSNorm
+from lemo_jax.model.layers import Embedding, Linear, RMSNorm, stacked_at
 from lemo_jax.model.remat import checkpoint_name, remat
 from lemo_jax.model.rope import apply_rotary, rotary_angles
 
@@ -222,6 +222,26 @@ class Llama(nnx.Module):
         with matmul_precision(self.config.compute_jnp_dtype):
             return self._hidden_states(input_ids, positions, dropout_key, remat_policy, plan)
 
+    def layer(self, index) -> DecoderLayer:
+        """Layer `index` of the [L] stack (`index` may be traced, as inside a scan)."""
+        return stacked_at(self.layers, index)
+
+    def select_attention_tokens(
+        self, h, cos, sin, index, *, num_blocks: int, plan: EliminationPlan
+    ) -> Int[Array, "B R"]:
+        """The token ids layer `index` keeps for attention (`lemo_jax.lemo.layer`), by the
+        oracle or by the attached predictors, as `plan.scorer` says."""
+        return attention_token_ids(
+            self.layer(index),
+            h,
+            cos,
+            sin,
+            num_blocks=num_blocks,
+            plan=plan,
+            predictor=self.block_predictor,
+            index=index,
+        )
+
     def _run_group(
         self,
         h,
@@ -238,15 +258,8 @@ class Llama(nnx.Module):
         slices of the stack. The token selection runs outside the remat region: its int32
         indices are all the backward pass keeps of it.
         """
-        graphdef, layer_state = nnx.split(self.layers)
         mlp_tokens = None if group.mlp_blocks is None else group.mlp_blocks * plan.block_size
         kernels = "xla" if plan is None else plan.row_kernels
-
-        def layer_at(index):
-            state = jax.tree.map(
-                lambda p: jax.lax.dynamic_index_in_dim(p, index, 0, False), layer_state
-            )
-            return nnx.merge(graphdef, state)
 
         # Under predictors the MLP's tokens come from the layer's token scorer (cheap enough to
         # recompute with the layer: the MLP input exists only inside the layer's update).
@@ -256,7 +269,7 @@ class Llama(nnx.Module):
             mlp_scorer = None
             if predicts_mlp:
                 mlp_scorer = functools.partial(self.block_predictor.token_scores, index)
-            return layer_at(index)(
+            return self.layer(index)(
                 h,
                 cos,
                 sin,
@@ -276,15 +289,8 @@ class Llama(nnx.Module):
             index, key = xs
             token_ids = None
             if group.attention_blocks is not None:
-                token_ids = attention_token_ids(
-                    layer_at(index),
-                    h,
-                    cos,
-                    sin,
-                    num_blocks=group.attention_blocks,
-                    plan=plan,
-                    predictor=self.block_predictor,
-                    index=index,
+                token_ids = self.select_attention_tokens(
+                    h, cos, sin, index, num_blocks=group.attention_blocks, plan=plan
                 )
             return update(h, index, key, token_ids), None
 

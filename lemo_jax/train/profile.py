@@ -1,8 +1,9 @@
 """Where a training step's time goes: one step under the JAX profiler, summarised by op.
 
 `profile_call(fn, directory)` runs `fn()` inside `jax.profiler.trace` (a TensorBoard / Perfetto
-trace in `directory`, to open in either) and returns `summarize_trace` of it: the time of every
-op (GPU kernel, or XLA op on a CPU) added up by name, the top ones, and totals per category.
+trace in `directory`, to open in either) and returns fn's result and `summarize_trace` of the
+trace: the time of every op (GPU kernel, or XLA op on a CPU) added up by name, the top ones,
+and totals per category.
 Categories come from kernel names (cuDNN attention, matmuls, Pallas/Triton kernels, the rest);
 they are a reading aid, the names are the data.
 """
@@ -72,19 +73,21 @@ def summarize_trace(path: str | Path, *, top: int = 20) -> dict:
     )
 
 
-def profile_call(fn: Callable[[], object], directory: str | Path, *, top: int = 20) -> dict:
+def profile_call(
+    fn: Callable[[], object], directory: str | Path, *, top: int = 20
+) -> tuple[object, dict]:
     """Runs `fn()` (which must wait for its results) under the profiler; writes the trace and
-    `profile_summary.json` into `directory` and returns the summary."""
+    `profile_summary.json` into `directory`; returns fn's result and the summary."""
     directory = Path(directory)
     with jax.profiler.trace(str(directory), create_perfetto_trace=True):
-        fn()
+        result = fn()
     traces = sorted(directory.glob("plugins/profile/*/perfetto_trace.json.gz"))
     if not traces:
         raise RuntimeError(f"the profiler wrote no Perfetto trace under {directory}")
     summary = summarize_trace(traces[-1], top=top)
     summary["trace"] = str(traces[-1])
     (directory / "profile_summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return result, summary
 
 
 __all__ = ["category", "profile_call", "summarize_trace"]

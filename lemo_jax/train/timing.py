@@ -17,7 +17,7 @@ from flax import nnx
 
 from lemo_jax.configs.run import RunConfig
 from lemo_jax.lemo.budgets import layer_budgets
-from lemo_jax.lemo.layer import EliminationPlan, attention_token_ids
+from lemo_jax.lemo.layer import EliminationPlan
 from lemo_jax.model.llama import Llama
 from lemo_jax.model.lora import trainable_filter
 from lemo_jax.model.rope import rotary_angles
@@ -79,14 +79,9 @@ def measure_step_time(
             seconds.append(time.perf_counter() - started)
     profile = None
     if profile_dir is not None:
-        holder = [state]
-
-        def one_step():
-            holder[0], metrics = compiled(holder[0], batch)
-            float(metrics["loss"])
-
-        profile = profile_call(one_step, profile_dir)
-        state = holder[0]
+        (state, _), profile = profile_call(
+            lambda: jax.block_until_ready(compiled(state, batch)), profile_dir
+        )
     kept, selection_s = 1.0, None
     if plan is not None:
         kept = layer_budgets(config.lemo, model_config.num_layers, train.seq_len).kept_fraction()[1]
@@ -129,19 +124,8 @@ def token_selection_seconds(
 
     @jax.jit
     def select(state, h):
-        model = nnx.merge(graphdef, state)
-        layer_graph, layer_state = nnx.split(model.layers)
-        index = jnp.int32(group.start)
-        layer = nnx.merge(layer_graph, jax.tree.map(lambda p: p[group.start], layer_state))
-        return attention_token_ids(
-            layer,
-            h,
-            cos,
-            sin,
-            num_blocks=group.attention_blocks,
-            plan=plan,
-            predictor=model.block_predictor,
-            index=index,
+        return nnx.merge(graphdef, state).select_attention_tokens(
+            h, cos, sin, group.start, num_blocks=group.attention_blocks, plan=plan
         )
 
     shape = (batch_size, seq_len, config.model_dim)
