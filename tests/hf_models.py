@@ -29,12 +29,13 @@ def tiny_llama_config(
     rope: str = "default",
     attention_bias: bool = False,
     vocab_size: int = 300,
+    num_layers: int = 2,
 ) -> LlamaConfig:
     kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=num_kv_heads,
         tie_word_embeddings=tie,

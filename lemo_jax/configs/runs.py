@@ -98,6 +98,28 @@ def smollm2_32k() -> RunConfig:
     )
 
 
+@register_run
+def smollm2_accuracy() -> RunConfig:
+    """The quality experiment's shared recipe (scripts/accuracy.py, docs/ACCURACY.md):
+    SmolLM2-135M from 8K to 32K tokens by linear position interpolation, plain LoRA r=8 on
+    q, k, v, o (so every arm's adapter exports as a small PEFT adapter), 200 steps of 32K tokens.
+    A LoRA learning rate (1e-4) rather than the 7B recipe's 2e-5, which barely moves a 135M
+    model's adapters in 200 steps."""
+    base = smollm2_32k()
+    return dataclasses.replace(
+        base,
+        name="smollm2_accuracy",
+        output_dir="runs/smollm2_accuracy",
+        lora=LoraConfig(rank=8, alpha=16.0),
+        train=dataclasses.replace(
+            base.train, learning_rate=1e-4, eval_every=0, remat="save_attention_output"
+        ),
+        checkpoint=CheckpointSection(every=50, keep=1),
+        export_after=False,
+        perplexity_before_after=False,
+    )
+
+
 def _paper_recipe(name: str, preset: str, *, rope_scaling: str, rope_factor: float) -> RunConfig:
     """The paper's fine-tuning recipe: LoRA r=8 alpha=16 on q,k,v,o; AdamW (0.9, 0.95); lr 2e-5,
     20 warm-up steps then constant; batch 1; 65,536 tokens; recomputation of all but attention;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,34 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from lemo_jax.errors import UserError
 from lemo_jax.model.llama import Llama
 from lemo_jax.model.loss import chunked_cross_entropy, next_token_targets
+
+
+def long_document_windows(
+    documents: Sequence[np.ndarray], seq_len: int, num_windows: int
+) -> np.ndarray:
+    """int32 [W, seq_len]: non-overlapping windows that each lie inside one document, taken from
+    the longest documents first, at most `num_windows` of them.
+
+    Long-context perplexity needs text whose far context is relevant; windows of a packed stream
+    would also span document boundaries, where the earlier document is no help. Cutting these
+    windows into `seq_len / n` pieces gives the shorter lengths the same tokens to predict.
+    """
+    windows: list[np.ndarray] = []
+    for tokens in sorted(documents, key=len, reverse=True):
+        for start in range(0, len(tokens) - seq_len + 1, seq_len):
+            if len(windows) == num_windows:
+                break
+            windows.append(np.asarray(tokens[start : start + seq_len], np.int32))
+    if not windows:
+        longest = max((len(tokens) for tokens in documents), default=0)
+        raise UserError(
+            f"no document has {seq_len} tokens (the longest has {longest}); "
+            "give longer documents or a shorter length"
+        )
+    return np.stack(windows)
 
 
 @dataclasses.dataclass(frozen=True)

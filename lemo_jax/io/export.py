@@ -42,8 +42,8 @@ def merged_state_dict(model: Llama, *, dtype: str = "bfloat16") -> dict[str, tor
     """
     torch_dtype = _torch_dtype(dtype)
     state: dict[str, torch.Tensor] = {}
-    for path, variable in _base_parameters(model):
-        owner = _owner(model, path)
+    for path, variable in base_parameters(model):
+        owner = owner_module(model, path)
         use_lora = path[-1] == "kernel" and getattr(owner, "lora_a", None) is not None
         stacked = path[0] == "layers"
         for index, tensor in enumerate(hf_tensors_for(path, model.config.num_layers)):
@@ -159,8 +159,8 @@ def peft_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     the Hugging Face name of the adapted kernel without `.weight` (from the name table).
     """
     state: dict[str, torch.Tensor] = {}
-    for path, _ in _base_parameters(model):
-        owner = _owner(model, path)
+    for path, _ in base_parameters(model):
+        owner = owner_module(model, path)
         if path[-1] != "kernel" or getattr(owner, "lora_a", None) is None:
             continue
         dtype = TORCH_DTYPES[jnp.dtype(owner.lora_a[...].dtype).name]
@@ -214,13 +214,13 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return TORCH_DTYPES[dtype]
 
 
-def _base_parameters(model: Llama) -> list[tuple[tuple[str, ...], nnx.Variable]]:
+def base_parameters(model: Llama) -> list[tuple[tuple[str, ...], nnx.Variable]]:
     """(path, variable) of every base parameter; LoRA parameters (a `Param` subclass) excluded."""
     state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
     return [(tuple(str(p) for p in path), v) for path, v in nnx.to_flat_state(state)]
 
 
-def _owner(model: Llama, path: tuple[str, ...]) -> nnx.Module:
+def owner_module(model: Llama, path: tuple[str, ...]) -> nnx.Module:
     module = model
     for name in path[:-1]:
         module = getattr(module, name)
