@@ -176,17 +176,19 @@ def _block_scores_kernel(
         out_ref[j, :] = jnp.full((_OUT_WIDTH,), totals[j], jnp.float32)
 
 
-# Enough programs to fill the device several times over: with fewer key tiles than this (short
-# sequences), each key tile's query range is split over several programs, since one program
-# per key tile leaves the device idle behind the longest (the first key tile's, which every
-# query tile sees). The H200 has 132 SMs. `splits=None` picks this way; the default stays 1
-# until the splits are timed on the H200 (`bench_kernels.py --score-splits`).
-_TARGET_PROGRAMS = 512
-_MAX_SPLITS = 8
+# Enough programs to fill the device several times over: with fewer key tiles than this, each
+# key tile's query range is split over several programs, since one program per key tile
+# leaves the device idle behind the longest (the first key tile's, which every query tile
+# sees). The H200 has 132 SMs. `splits=None` picks this way, as the model does. Timed on the
+# H200 at Llama-2-7B shapes with 4x2 tiles (BENCHMARKS.md): the best splits were 4, 4 and 2 at
+# 16K, 32K and 64K tokens (0.19 -> 0.39, 0.37 -> 0.42, 0.39 -> 0.43 of the matmul ceiling),
+# 8 was not better than 4.
+_TARGET_PROGRAMS = 1024
+_MAX_SPLITS = 4
 
 
 def query_splits(num_k_tiles: int, batch: int) -> int:
-    """Programs per key tile: the power of two (<= 8) that brings the grid to about 512."""
+    """Programs per key tile: the power of two (<= 4) that brings the grid to about 1024."""
     splits = 1
     while splits < _MAX_SPLITS and num_k_tiles * batch * splits < _TARGET_PROGRAMS:
         splits *= 2

@@ -103,8 +103,10 @@ def test_query_range_split_over_programs(case, splits):
 
 def test_short_sequences_get_more_programs_per_key_tile():
     assert query_splits(num_k_tiles=128, batch=1) == 4  # 16K tokens, 4x2 tiles of 64
-    assert query_splits(num_k_tiles=512, batch=1) == 1  # 64K tokens
-    assert query_splits(num_k_tiles=2, batch=1) == 8  # never more than 8
+    assert query_splits(num_k_tiles=256, batch=1) == 4  # 32K
+    assert query_splits(num_k_tiles=512, batch=1) == 2  # 64K
+    assert query_splits(num_k_tiles=1024, batch=1) == 1
+    assert query_splits(num_k_tiles=2, batch=1) == 4  # never more than 4
 
 
 # q = [1, 2, -1, -0.5], k = [1, 0.5, 2, -5], H = 1 (scale 1), N = 1: s(i, j) = q_i * k_j, exact.

@@ -15,7 +15,12 @@ from lemo_jax.lemo import (
     read_schedule_file,
     write_schedule_file,
 )
-from lemo_jax.lemo.budgets import PAPER_ATTENTION_TABLE, PAPER_MLP_TABLE, elimination_plan
+from lemo_jax.lemo.budgets import (
+    PAPER_ATTENTION_TABLE,
+    PAPER_MLP_TABLE,
+    elimination_plan,
+    executed_budgets,
+)
 
 
 def test_default_config_is_disabled_and_valid():
@@ -274,3 +279,21 @@ def test_elimination_plan_has_no_single_layer_groups():
             own = budgets.attention_blocks[layer]
             assert group.attention_blocks is None or group.attention_blocks >= own
     assert elimination_plan(LemoConfig(enabled=False), 32, 65536) is None
+
+
+def test_executed_budgets_report_what_the_plan_runs():
+    # paper_e2e on 30 layers: [0-13 dense][14-28 pruned][29 dense]; the lone last layer borrows
+    # layer 28, which then runs dense, so 14 layers eliminate, not the schedule's 15.
+    config = LemoConfig(enabled=True, schedule="paper_e2e")
+    scheduled = layer_budgets(config, 30, 4096)
+    executed = executed_budgets(config, 30, 4096)
+    assert scheduled.attention_blocks[28] == 28 and executed.attention_blocks[28] == 64
+    assert executed.attention_blocks[:28] == scheduled.attention_blocks[:28]
+    plan = elimination_plan(config, 30, 4096)
+    assert [(g.start, g.stop, g.attention_blocks) for g in plan.groups] == [
+        (0, 14, None),
+        (14, 28, 28),
+        (28, 30, None),
+    ]
+    assert executed.kept_fraction()[1] == (16 * 64 + 14 * 28) / (30 * 64)
+    assert executed.kept_fraction()[1] > scheduled.kept_fraction()[1]

@@ -265,7 +265,7 @@ def elimination_plan(config: LemoConfig, num_layers: int, seq_len: int) -> Elimi
     ]
     return EliminationPlan(
         block_size=config.block_size,
-        groups=merge_single_layer_groups(plans),
+        groups=merge_by_attention_runs(plans, merge_lone_layers=config.merge_lone_layers),
         keep_first_blocks=config.keep_first_blocks,
         pruned_remat=None if config.pruned_remat == "same" else config.pruned_remat,
         score_reduction=config.score_reduction,
@@ -275,8 +275,58 @@ def elimination_plan(config: LemoConfig, num_layers: int, seq_len: int) -> Elimi
     )
 
 
+def executed_budgets(config: LemoConfig, num_layers: int, seq_len: int) -> LayerBudgets:
+    """The budgets the model actually runs: `layer_budgets` as `elimination_plan` leaves them,
+    after `merge_single_layer_groups` has raised a lone layer's partner to the pair's larger
+    budget. What logs and benchmarks report (kept fractions, the summary line)."""
+    budgets = layer_budgets(config, num_layers, seq_len)
+    plan = elimination_plan(config, num_layers, seq_len)
+    if plan is None:
+        return budgets
+    attention, mlp = list(budgets.attention_blocks), list(budgets.mlp_blocks)
+    for group in plan.groups:
+        for layer in range(group.start, group.stop):
+            attention[layer] = group.attention_blocks or budgets.num_blocks  # None: dense
+            mlp[layer] = group.mlp_blocks
+    return dataclasses.replace(budgets, attention_blocks=tuple(attention), mlp_blocks=tuple(mlp))
+
+
 def _larger(first: int | None, second: int | None) -> int | None:
     return None if first is None or second is None else max(first, second)  # None: dense
+
+
+def merge_by_attention_runs(
+    groups: Sequence[GroupPlan], *, merge_lone_layers: bool = True
+) -> tuple[GroupPlan, ...]:
+    """`merge_single_layer_groups` in two levels, so that MLP budgets never cost attention
+    sparsity: first over runs of equal attention budget (a lone layer's run borrows from or
+    merges with a neighbouring run), then within each run over its MLP budgets.
+
+    With a token-sparse MLP every layer may have its own MLP budget; merging those one-layer
+    groups across an attention boundary made a pruned layer dense (for Llama-2-7B with
+    `paper_e2e` and the paper's MLP table, 14 pruned layers instead of 15). With
+    `merge_lone_layers` false, a run of one layer (such as `paper_e2e`'s dense last layer)
+    stays a group of its own instead of taking a pruned neighbour's layer."""
+    runs: list[GroupPlan] = []
+    for group in groups:
+        if runs and runs[-1].attention_blocks == group.attention_blocks:
+            runs[-1] = dataclasses.replace(runs[-1], stop=group.stop)
+        else:
+            runs.append(GroupPlan(group.start, group.stop, group.attention_blocks, None))
+    merged: list[GroupPlan] = []
+    for run in merge_single_layer_groups(runs) if merge_lone_layers else runs:
+        inside = [
+            GroupPlan(
+                max(group.start, run.start),
+                min(group.stop, run.stop),
+                run.attention_blocks,
+                group.mlp_blocks,
+            )
+            for group in groups
+            if group.start < run.stop and group.stop > run.start
+        ]
+        merged.extend(merge_single_layer_groups(inside))
+    return tuple(merged)
 
 
 def merge_single_layer_groups(groups: Sequence[GroupPlan]) -> tuple[GroupPlan, ...]:

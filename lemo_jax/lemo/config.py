@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
+from lemo_jax.model.attention import has_ampere_gpu
 from lemo_jax.model.remat import REMAT_POLICIES
 
 SCHEDULE_FORMS = ("paper_e2e", "paper_table", "uniform:RATIO", "file:PATH")
@@ -76,8 +75,7 @@ def resolve_kernels(config: LemoConfig, op: str = "block_scores") -> str:
     if config.kernels != "auto":
         return config.kernels
     power_of_two = config.block_size & (config.block_size - 1) == 0
-    on_gpu = jax.default_backend() == "gpu"
-    return "pallas" if on_gpu and power_of_two and op in AUTO_PALLAS_OPS else "xla"
+    return "pallas" if power_of_two and op in AUTO_PALLAS_OPS and has_ampere_gpu() else "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +126,12 @@ class LemoConfig:
     # add): "pallas" (fused kernels; Triton on a GPU, interpreted elsewhere), "xla" (jnp), or
     # "auto": Pallas on a GPU for the ops measured faster there (AUTO_PALLAS_OPS), else XLA.
     kernels: str = "auto"
+    # A layer whose attention budget differs from both neighbours' (paper_e2e's dense last
+    # layer) takes a neighbour's layer into its scan group, which then runs at the larger
+    # budget: XLA inlines a one-trip scan, and several inlined layers' buffers were scheduled
+    # to live at once (`merge_single_layer_groups`). False runs such a layer on its own, so
+    # its neighbour keeps eliminating.
+    merge_lone_layers: bool = True
 
     def __post_init__(self):
         _check(

@@ -130,6 +130,7 @@ def attention_token_ids(
             causal=True,
             impl=plan.kernels,
             tiles=SCORE_TILES if plan.kernels == "pallas" else (1, 1),
+            splits=None,  # the Pallas kernel splits query ranges to fill the device
         )
     if plan.score_reduction == "mean":  # block n is seen by query blocks n .. M-1
         num_blocks_total = scores.shape[-1]

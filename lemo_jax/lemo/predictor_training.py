@@ -32,7 +32,7 @@ from flax import nnx
 from lemo_jax.configs.run import RunConfig
 from lemo_jax.data.pipeline import ShuffledSampler, prepare_data
 from lemo_jax.io.checkpoint import RunCheckpoints
-from lemo_jax.lemo.budgets import LayerBudgets, layer_budgets
+from lemo_jax.lemo.budgets import LayerBudgets, executed_budgets
 from lemo_jax.lemo.calibrate import LayerScan, dense_layer_scan
 from lemo_jax.lemo.config import resolve_kernels
 from lemo_jax.lemo.layer import top_blocks
@@ -192,7 +192,7 @@ def train_predictors(
     train_windows, validation_windows = prepare_data(
         config.data, tokenizer, train.seq_len, show_progress=show_progress
     )
-    budgets = layer_budgets(lemo, model.config.num_layers, train.seq_len)
+    budgets = executed_budgets(lemo, model.config.num_layers, train.seq_len)
     predictor = BlockScorePredictor(predictor_config_for(model.config, lemo), nnx.Rngs(train.seed))
     graphdef, params = nnx.split(predictor, PredictorParam)  # its weights are its only state
     optimizer = optax.adamw(learning_rate)

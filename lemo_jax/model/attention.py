@@ -17,12 +17,25 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
+def has_ampere_gpu() -> bool:
+    """Whether JAX's default device is a GPU of compute capability 8.0 or newer (Ampere,
+    Hopper, ...): cuDNN's fused attention and the Pallas kernels' bfloat16 dots need it, so
+    "auto" choices fall back to XLA on older GPUs such as the T4 (7.5)."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return False
+    try:
+        return float(device.compute_capability) >= 8.0
+    except (AttributeError, TypeError, ValueError):  # not reported: assume a current GPU
+        return True
+
+
 def resolve_backend(backend: str, compute_dtype) -> str:
     """Maps "auto" to a concrete backend for the current device and compute dtype."""
     if backend != "auto":
         return backend
     is_half = jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if jax.default_backend() == "gpu" and is_half else "xla"
+    return "cudnn" if is_half and has_ampere_gpu() else "xla"
 
 
 def causal_attention(

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from lemo_jax.configs.run import RunConfig
 from lemo_jax.data.pipeline import ShuffledSampler, TokenWindows, prepare_data
 from lemo_jax.io.checkpoint import RunCheckpoints
-from lemo_jax.lemo.budgets import LayerBudgets, elimination_plan, layer_budgets
+from lemo_jax.lemo.budgets import LayerBudgets, elimination_plan, executed_budgets
 from lemo_jax.lemo.layer import EliminationPlan
 from lemo_jax.model.lora import trainable_filter
 from lemo_jax.train.observe import MetricsLog, compiled_memory_gib, peak_device_memory_gib
@@ -228,7 +228,7 @@ def _elimination(config: RunConfig, num_layers: int, seq_len: int):
     """The static LeMo plan and the per-layer budgets (None, None without LeMo)."""
     if not config.lemo.enabled:
         return None, None
-    budgets = layer_budgets(config.lemo, num_layers, seq_len)
+    budgets = executed_budgets(config.lemo, num_layers, seq_len)
     print(f"LeMo: {budgets.summary()}", file=sys.stderr)
     return elimination_plan(config.lemo, num_layers, seq_len), budgets
 

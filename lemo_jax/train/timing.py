@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lemo_jax.configs.run import RunConfig
-from lemo_jax.lemo.budgets import layer_budgets
+from lemo_jax.lemo.budgets import executed_budgets
 from lemo_jax.lemo.layer import EliminationPlan
 from lemo_jax.model.llama import Llama
 from lemo_jax.model.lora import trainable_filter
@@ -84,7 +84,9 @@ def measure_step_time(
         )
     kept, selection_s = 1.0, None
     if plan is not None:
-        kept = layer_budgets(config.lemo, model_config.num_layers, train.seq_len).kept_fraction()[1]
+        kept = executed_budgets(
+            config.lemo, model_config.num_layers, train.seq_len
+        ).kept_fraction()[1]
         model = nnx.merge(graphdef, state.trainable, state.frozen)
         selection_s = token_selection_seconds(model, plan, train.batch_size, train.seq_len)
         del model
