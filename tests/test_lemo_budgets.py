@@ -297,3 +297,31 @@ def test_executed_budgets_report_what_the_plan_runs():
     ]
     assert executed.kept_fraction()[1] == (16 * 64 + 14 * 28) / (30 * 64)
     assert executed.kept_fraction()[1] > scheduled.kept_fraction()[1]
+
+
+@pytest.mark.parametrize(
+    ("merge_lone_layers", "pruned"), [(True, range(15, 30)), (False, range(15, 31))]
+)
+def test_mlp_budgets_never_make_a_pruned_layer_dense(merge_lone_layers, pruned):
+    # The paper's MLP table gives every layer its own MLP budget: one-layer groups everywhere.
+    config = LemoConfig(
+        enabled=True,
+        schedule="paper_e2e",
+        mlp="token_sparse",
+        mlp_schedule="paper_table",
+        merge_lone_layers=merge_lone_layers,
+    )
+    plan = elimination_plan(config, 32, 65536)
+    pruned_layers = [
+        layer
+        for group in plan.groups
+        if group.attention_blocks is not None
+        for layer in range(group.start, group.stop)
+    ]
+    assert pruned_layers == list(pruned)
+    sizes = [group.stop - group.start for group in plan.groups]
+    assert min(sizes) >= (2 if merge_lone_layers else 1) and sizes.count(1) <= 1
+    # Every layer keeps at least its scheduled MLP tokens.
+    scheduled = layer_budgets(config, 32, 65536).mlp_blocks
+    for group in plan.groups:
+        assert all(group.mlp_blocks >= scheduled[i] for i in range(group.start, group.stop))
