@@ -45,6 +45,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.windows < 1:
         raise UserError("--windows must be at least 1")
     config = run_config_from_args(args)
+    schedules = [item.strip() for item in args.schedules.split(",") if item.strip()]
+    for schedule in schedules:  # fail before loading the model
+        try:
+            dataclasses.replace(config.lemo, enabled=True, schedule=schedule)
+        except ValueError as err:
+            raise UserError(str(err)) from None
     seq_len = config.train.seq_len
     model, tokenizer = build_model(config.model, None, seq_len=seq_len, seed=config.train.seed)
     num_layers = model.config.num_layers
@@ -52,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     count = min(args.windows, len(validation))
     windows = validation.batch([i * len(validation) // count for i in range(count)])  # [W, T]
     rows = [("dense", "-", None)]
-    for schedule in args.schedules.split(","):
+    for schedule in schedules:
         scorers = ["oracle", "random"] if args.random_scorer else [config.lemo.scorer]
         rows += [(schedule, scorer, schedule) for scorer in scorers]
     print(f"{'schedule':<24} {'scorer':<8} {'kept':>6} {'loss':>8} {'rise':>8}")
