@@ -44,18 +44,18 @@ def best_seconds(function: Callable, *args, repeats: int) -> float:
     return min(times)
 
 
-def matmul_ceiling(repeats: int) -> float:
-    """Measured bf16 matrix-product rate, FLOP/s."""
-    n = 8192
+def matmul_ceiling(repeats: int, n: int = 8192) -> float:
+    """Measured bf16 matrix-product rate (n x n x n), FLOP/s."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     seconds = best_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
     return 2 * n**3 / seconds
 
 
-def copy_ceiling(repeats: int) -> float:
-    """Measured device copy bandwidth (bytes read + written per second)."""
-    x = jnp.ones((2**28,), jnp.float32)  # 1 GiB
+def copy_ceiling(repeats: int, n: int = 8192) -> float:
+    """Measured device copy bandwidth (bytes read + written per second) over n * n * 4 floats
+    (1 GiB for n = 8192)."""
+    x = jnp.ones((4 * n * n,), jnp.float32)
     seconds = best_seconds(jax.jit(lambda v: v * 2.0), x, repeats=repeats)
     return 2 * x.nbytes / seconds
 
@@ -90,6 +90,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="block_scores Pallas programs per key tile, e.g. 1,4,auto",
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--ceiling-size",
+        type=int,
+        default=8192,
+        help="n of the n^3 matmul and n^2 * 4-float copy ceilings (smaller only for smoke tests)",
+    )
     args = parser.parse_args(argv)
     lengths = parse_ints(args.seq_lens, "--seq-lens")
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
@@ -98,19 +104,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--ops: unknown {unknown}; choose from {', '.join(OPS)}")
     if args.heads % args.kv_heads:
         raise UserError(f"--heads={args.heads} is not a multiple of --kv-heads={args.kv_heads}")
+    if args.ceiling_size < 1:
+        raise UserError(f"--ceiling-size must be positive, got {args.ceiling_size}")
+    score_tiles = _parse_tiles(args.score_tiles)  # bad input fails before the ceilings' minute
+    score_splits = _parse_splits(args.score_splits)
+    kernel_variants = [(tiles, splits) for tiles in score_tiles for splits in score_splits]
 
     device = jax.devices()[0].device_kind
-    flops_ceiling = matmul_ceiling(args.repeats)
-    bytes_ceiling = copy_ceiling(args.repeats)
+    flops_ceiling = matmul_ceiling(args.repeats, args.ceiling_size)
+    bytes_ceiling = copy_ceiling(args.repeats, args.ceiling_size)
     print(
         json.dumps(
             dict(device=device, matmul_tflops=flops_ceiling / 1e12, copy_tbps=bytes_ceiling / 1e12)
         ),
         flush=True,
     )
-    score_tiles = _parse_tiles(args.score_tiles)
-    score_splits = _parse_splits(args.score_splits)
-    kernel_variants = [(tiles, splits) for tiles in score_tiles for splits in score_splits]
     rows = []
     for seq_len in lengths:
         for op in ops:

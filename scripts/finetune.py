@@ -19,6 +19,7 @@ import jax
 from lemo_jax.configs.cli import add_run_config_arguments, run_config_from_args
 from lemo_jax.configs.runs import get_run_config, run_names
 from lemo_jax.errors import run_cli
+from lemo_jax.train.distributed import initialize_distributed
 from lemo_jax.train.loop import run_training
 
 
@@ -52,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{name:16s} {config.train.seq_len:>7,} tokens  {weights}")
         return
     config = run_config_from_args(args)
+    initialize_distributed()  # before anything touches a device; nothing on a single host
+    hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
     print(
-        f"{config.name}: {jax.device_count()} x {jax.devices()[0].device_kind}, "
+        f"{config.name}: {jax.device_count()} x {jax.devices()[0].device_kind}{hosts}, "
         f"output in {config.output_dir}",
         file=sys.stderr,
     )

@@ -1,5 +1,14 @@
-"""Shared pytest hooks: tests marked `gpu` run only where JAX's default backend is a GPU."""
+"""Shared pytest hooks: tests marked `gpu` run only where JAX's default backend is a GPU.
 
+The suite runs in several worker processes (pytest-xdist, `addopts` in pyproject.toml); on a
+GPU each would otherwise reserve 75% of the device's memory when JAX starts.
+"""
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# After the allocator setting, which JAX reads when it starts.
 import jax
 import pytest
 

@@ -85,7 +85,7 @@ def test_kernel_benchmark_reports_ceilings_and_fractions():
     result = run_script(
         "bench_kernels.py",
         *("--seq-lens", "256", "--heads", "4", "--kv-heads", "2", "--head-dim", "64"),
-        *("--repeats", "1", "--model-dim", "64"),
+        *("--repeats", "1", "--model-dim", "64", "--ceiling-size", "512"),
     )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -101,6 +101,7 @@ def test_kernel_benchmark_labels_block_score_tiles_and_splits():
         *("--seq-lens", "256", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"),
         *("--repeats", "1", "--impls", "pallas", "--ops", "block_scores"),
         *("--block-size", "16", "--score-tiles", "2x1", "--score-splits", "1,auto"),
+        *("--ceiling-size", "512"),
     )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")][1:]

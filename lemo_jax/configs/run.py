@@ -7,6 +7,7 @@ Only the training loop and the scripts see the whole tree; each module gets its 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from lemo_jax.configs.model import ATTENTION_BACKENDS, DTYPES, ROPE_SCALINGS, LoraConfig
 from lemo_jax.lemo.config import LemoConfig
@@ -142,6 +143,43 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """How a run spreads over devices: a `data` x `fsdp` mesh (`lemo_jax/train/sharding.py`).
+
+    Each size is a positive integer or "auto" (the devices the other axis leaves; at most one
+    axis may be "auto"). The default puts every device on `fsdp`: weights and optimizer state
+    are sharded over all devices, and every batch is split over all devices whatever the
+    shape, so `fsdp` only trades memory for all-gathers and `data` the other way round.
+    """
+
+    data: str = "1"
+    fsdp: str = "auto"
+
+    def __post_init__(self):
+        for name in ("data", "fsdp"):
+            value = getattr(self, name).strip().lower()
+            _check(
+                value == "auto" or (value.isdigit() and int(value) >= 1),
+                f"mesh.{name}={getattr(self, name)!r} is not a positive integer or 'auto'",
+            )
+        _check(
+            not (self.data.strip().lower() == "auto" and self.fsdp.strip().lower() == "auto"),
+            "mesh.data and mesh.fsdp cannot both be 'auto'",
+        )
+
+    def shape(self, device_count: int) -> tuple[int, int]:
+        """(data, fsdp) for `device_count` devices; ValueError if they do not fit."""
+        sizes = [getattr(self, name).strip().lower() for name in ("data", "fsdp")]
+        fixed = math.prod(int(size) for size in sizes if size != "auto")
+        present = f"{device_count} are present"
+        where = f"mesh.data={self.data} x mesh.fsdp={self.fsdp}"
+        _check(device_count % fixed == 0, f"{where} needs a multiple of {fixed} devices; {present}")
+        data, fsdp = (device_count // fixed if size == "auto" else int(size) for size in sizes)
+        _check(data * fsdp == device_count, f"{where} needs {data * fsdp} devices; {present}")
+        return data, fsdp
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str
     output_dir: str
@@ -151,5 +189,6 @@ class RunConfig:
     data: DataSection = DataSection()
     checkpoint: CheckpointSection = CheckpointSection()
     lemo: LemoConfig = dataclasses.field(default_factory=LemoConfig)
+    mesh: MeshSection = MeshSection()
     export_after: bool = False  # write a Hugging Face model to OUTPUT_DIR/hf at the end
     perplexity_before_after: bool = False  # dense validation perplexity before and after

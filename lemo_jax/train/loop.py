@@ -9,6 +9,7 @@ saved position, same RNG from the step).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -35,8 +36,15 @@ from lemo_jax.train.setup import (
     check_run_directory,
     write_run_config,
 )
+from lemo_jax.train.sharding import global_array, place, replicated, run_mesh, step_shardings
 from lemo_jax.train.signals import StopRequest
-from lemo_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
+from lemo_jax.train.step import (
+    StepShardings,
+    TrainState,
+    init_state,
+    make_eval_step,
+    make_train_step,
+)
 
 
 @dataclasses.dataclass
@@ -58,11 +66,14 @@ def _saved_tree(state: TrainState) -> dict:
     )
 
 
-def evaluate(eval_step, state: TrainState, windows: TokenWindows, count: int) -> float:
-    """Mean next-token loss over the first `count` validation windows, one at a time."""
+def evaluate(
+    eval_step, state: TrainState, windows: TokenWindows, count: int, put=jnp.asarray
+) -> float:
+    """Mean next-token loss over the first `count` validation windows, one at a time; `put`
+    moves a window's host array to the devices."""
     total, tokens = 0.0, 0.0
     for index in range(min(count, len(windows))):
-        nll, predicted = eval_step(state, jnp.asarray(windows.batch(np.array([index]))))
+        nll, predicted = eval_step(state, put(windows.batch(np.array([index]))))
         total, tokens = total + float(nll), tokens + float(predicted)
     return total / tokens
 
@@ -81,6 +92,7 @@ class _Session:
     show_progress: bool
     plan: EliminationPlan | None
     budgets: LayerBudgets | None
+    shardings: StepShardings | None = None  # None: one device, no mesh
 
     def __post_init__(self):
         self.eval_step = make_eval_step(self.graphdef, self.config.train)
@@ -99,9 +111,11 @@ class _Session:
 
     def validation_loss(self, state: TrainState) -> float:
         train = self.config.train
-        return evaluate(
-            self.eval_step, state, self.validation_windows, train.eval_batches * train.batch_size
-        )
+        put = jnp.asarray
+        if self.shardings is not None:  # a replicated window: every process reads it whole
+            put = functools.partial(global_array, sharding=replicated(self.shardings.batch.mesh))
+        count = train.eval_batches * train.batch_size
+        return evaluate(self.eval_step, state, self.validation_windows, count, put)
 
     def compile_step(self, state: TrainState):
         train = self.config.train
@@ -113,6 +127,7 @@ class _Session:
             train,
             use_dropout=use_dropout,
             plan=self.plan,
+            shardings=self.shardings,
         )
         shape = (train.grad_accum, train.batch_size, train.seq_len)
         return step.lower(state, jax.ShapeDtypeStruct(shape, jnp.int32)).compile()
@@ -138,8 +153,11 @@ class _Session:
         last_time, last_step = time.perf_counter(), start
         for step in range(start + 1, train.steps + 1):
             batch = self.train_windows.batch(sampler.indices(position, per_step))
+            batch = batch.reshape(train.grad_accum, train.batch_size, -1)  # [A, B, T]
+            if self.shardings is not None:  # every process reads the global batch
+                batch = global_array(batch, self.shardings.batch)
             position += per_step
-            state, metrics = compiled(state, batch.reshape(train.grad_accum, train.batch_size, -1))
+            state, metrics = compiled(state, batch)
             # Read the stop flag once: a signal arriving later in this iteration is seen in the
             # next one, so a step is never left without its checkpoint.
             stopping = stop.requested is not None
@@ -169,6 +187,8 @@ class _Session:
 def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
     train = config.train
     directory = check_run_directory(config)
+    mesh = run_mesh(config.mesh, train.batch_size)
+    show_progress = show_progress and jax.process_index() == 0
     lora = config.lora if train.method == "lora" else None
     model, tokenizer = build_model(config.model, lora, seq_len=train.seq_len, seed=train.seed)
     attach_predictors(model, config.lemo)
@@ -179,6 +199,10 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
     optimizer, num_layers = make_optimizer(train), model.config.num_layers
     graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
     del model  # the state holds the arrays
+    shardings = None
+    if mesh.size > 1:  # one device keeps the unsharded path
+        shardings = step_shardings(state, mesh)
+        state = place(state, shardings.state)  # checkpoints then restore onto this mesh
     checkpoints = RunCheckpoints(directory / "checkpoints", keep=config.checkpoint.keep)
     plan, budgets = _elimination(config, num_layers, train.seq_len)
     session = _Session(
@@ -192,6 +216,7 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
         show_progress,
         plan,
         budgets,
+        shardings,
     )
     record = {"data_position": 0}
     restored = checkpoints.restore_latest(_saved_tree(state))
@@ -205,7 +230,7 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
             record["perplexity_before"] = math.exp(session.validation_loss(state))
         result.perplexity_before = record["perplexity_before"]
 
-    log = MetricsLog(directory, resume_step=start)
+    log = MetricsLog(directory, resume_step=start, is_writer=jax.process_index() == 0)
     with StopRequest() as stop:
         state, record = session.train(state, record, log, stop)
     checkpoints.close()
@@ -235,6 +260,8 @@ def _elimination(config: RunConfig, num_layers: int, seq_len: int):
 
 def _postfix(metrics: dict, is_device_peak: bool) -> dict:
     memory = f"{metrics['memory_gib']:.1f}G" + ("" if is_device_peak else " (est.)")
+    if jax.device_count() > 1:  # the largest device's, not the sum
+        memory += " per device"
     return {
         "kept": f"{metrics['kept_fraction']:.2f}",
         "loss": f"{metrics['loss']:.4f}",

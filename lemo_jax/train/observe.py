@@ -17,8 +17,11 @@ class MetricsLog:
     not checkpointed) are dropped first, so the file holds one record per step.
     """
 
-    def __init__(self, directory: Path, *, resume_step: int):
+    def __init__(self, directory: Path, *, resume_step: int, is_writer: bool = True):
         self.path = directory / METRICS_FILE
+        self._file = self._tensorboard = None
+        if not is_writer:  # other processes of a multi-host run: process 0 reports
+            return
         if self.path.is_file():
             kept = [
                 line
@@ -30,6 +33,8 @@ class MetricsLog:
         self._tensorboard = _tensorboard_writer(directory / "tensorboard")
 
     def write(self, record: dict) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tensorboard is not None:
@@ -38,7 +43,8 @@ class MetricsLog:
                     self._tensorboard.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
 
@@ -53,14 +59,18 @@ def _tensorboard_writer(directory: Path):
 
 
 def peak_device_memory_gib() -> float | None:
-    """Peak bytes in use on the first device (GPU); None where the backend does not say."""
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 2**30
+    """Peak bytes in use per device (GPU): the largest over this process's devices, which is
+    what runs out first under a mesh. None where the backend does not say (CPU)."""
+    peaks = [
+        (device.memory_stats() or {}).get("peak_bytes_in_use") for device in jax.local_devices()
+    ]
+    known = [peak for peak in peaks if peak is not None]
+    return max(known) / 2**30 if known else None
 
 
 def compiled_memory_gib(compiled) -> float:
-    """The compiled step's estimate: arguments + outputs + temporaries, aliased bytes once."""
+    """The compiled step's estimate: arguments + outputs + temporaries, aliased bytes once.
+    A step compiled for a mesh is one device's program, so this is per device."""
     analysis = compiled.memory_analysis()
     total = (
         analysis.argument_size_in_bytes

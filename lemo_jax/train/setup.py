@@ -29,6 +29,7 @@ RESUMABLE_CHANGES = (
     "train.eval_batches",
     "train.log_every",
     "checkpoint",
+    "mesh",  # checkpoints restore under any mesh
     "export_after",
     "perplexity_before_after",
     "name",

@@ -8,7 +8,6 @@ of the mean loss over every predicted token of the step.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -54,17 +53,25 @@ def sequence_loss_sum(
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
-def make_train_step(
+@struct.dataclass
+class StepShardings:
+    """Where the step's inputs live on a mesh (`lemo_jax.train.sharding`): the state tree of
+    NamedShardings, the [A, B, T] batch's and the (replicated) metrics'."""
+
+    state: Any
+    batch: jax.sharding.NamedSharding
+    metrics: jax.sharding.NamedSharding
+
+
+def make_gradient_fn(
     graphdef: nnx.GraphDef,
-    optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule,
     train: TrainSection,
     *,
     use_dropout: bool,
     plan: EliminationPlan | None = None,
 ):
-    """A jitted `train_step(state, batch)` with the state donated; `plan` (static) selects LeMo
-    token elimination per layer group."""
+    """`gradients(state, batch [A, B, T]) -> (grads, loss sum, token count)`, unjitted: the
+    gradient of the mean token loss over the A accumulated micro-batches."""
 
     def loss_sum(trainable, frozen, token_ids, key):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -79,8 +86,7 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+    def gradients(state: TrainState, batch: jax.Array):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         keys = jax.random.split(step_key, batch.shape[0])
 
@@ -93,19 +99,48 @@ def make_train_step(
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, total, count), _ = jax.lax.scan(accumulate, init, (batch, keys))
-        grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean token loss
+        return jax.tree.map(lambda g: g / count, grads), total, count
+
+    return gradients
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    train: TrainSection,
+    *,
+    use_dropout: bool,
+    plan: EliminationPlan | None = None,
+    shardings: StepShardings | None = None,
+):
+    """A jitted `train_step(state, batch)` with the state donated; `plan` (static) selects LeMo
+    token elimination per layer group. With `shardings`, the step is compiled for that mesh
+    (state in and out with the same shardings, so donation reuses the buffers); without, it
+    runs where its inputs are (one device)."""
+    gradients = make_gradient_fn(graphdef, train, use_dropout=use_dropout, plan=plan)
+
+    def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
+        grads, total, count = gradients(state, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = dict(
             loss=total / count,
             grad_norm=optax.tree.norm(grads),
             learning_rate=schedule(state.step),
-            tokens=count,
+            tokens=count,  # over the global batch: every process's tokens
         )
         new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         return new_state, metrics
 
-    return train_step
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings.state, shardings.batch),
+        out_shardings=(shardings.state, shardings.metrics),
+        donate_argnums=0,
+    )
 
 
 def make_eval_step(graphdef: nnx.GraphDef, train: TrainSection):

@@ -1,0 +1,247 @@
+"""Sharded training checks, run by tests/test_sharding.py in a fresh process whose JAX sees
+several simulated CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`).
+
+    python tests/sharding_checks.py equivalence OUT.json
+    python tests/sharding_checks.py save DIR       # 8 devices: saves under 2x4 and 1 device
+    python tests/sharding_checks.py restore DIR OUT.json
+
+Each command writes what it measured as JSON; the test compares it against the tolerances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from lora_training import activate_lora
+
+from lemo_jax.configs import LoraConfig, get_model_config
+from lemo_jax.configs.run import MeshSection, TrainSection
+from lemo_jax.io.checkpoint import RunCheckpoints
+from lemo_jax.lemo.budgets import elimination_plan
+from lemo_jax.lemo.config import LemoConfig
+from lemo_jax.model import Llama, trainable_filter
+from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from lemo_jax.train.sharding import (
+    batch_sharding,
+    global_array,
+    make_mesh,
+    replicated,
+    tree_shardings,
+)
+from lemo_jax.train.step import StepShardings, init_state, make_gradient_fn, make_train_step
+
+CONFIG = dataclasses.replace(get_model_config("tiny"), num_layers=4, compute_dtype="float32")
+LORA = LoraConfig(rank=4)
+SEQ_LEN = 64
+BATCH = (2, 8, SEQ_LEN)  # [A, B, T]: 2 accumulated micro-batches of 8 sequences
+# 4 blocks of 16 tokens, 2 kept in every layer (no bucketing, which would round up to all 4).
+LEMO = LemoConfig(
+    enabled=True, block_size=16, schedule="uniform:0.5", bucket_blocks=1, kernels="xla"
+)
+MESHES = {"2x4": MeshSection(data="2", fsdp="4"), "8x1": MeshSection(data="8", fsdp="1")}
+
+
+def _train_section(method: str) -> TrainSection:
+    return TrainSection(
+        method=method, seq_len=SEQ_LEN, steps=10, warmup_steps=0, learning_rate=1e-3, remat="full"
+    )
+
+
+def _state(method: str):
+    lora = LORA if method == "lora" else None
+    model = Llama(CONFIG, lora=lora, rngs=nnx.Rngs(0))
+    if lora is not None:
+        activate_lora(model)
+    optimizer = make_optimizer(_train_section(method))
+    graphdef, state = init_state(model, trainable_filter(lora), optimizer, seed=0)
+    return graphdef, state, optimizer
+
+
+def _batch() -> np.ndarray:
+    return np.asarray(jax.random.randint(jax.random.key(1), BATCH, 0, CONFIG.vocab_size))
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(leaf, np.float32) for leaf in jax.tree.leaves(tree)]
+
+
+def _relative(actual, expected) -> float:
+    """The largest per-leaf ||actual - expected|| / ||expected|| over two trees."""
+    worst = 0.0
+    for a, e in zip(_leaves(actual), _leaves(expected), strict=True):
+        scale = np.linalg.norm(e)
+        worst = max(
+            worst, float(np.linalg.norm(a - e) / scale) if scale else float(np.abs(a).max())
+        )
+    return worst
+
+
+def _one_step(method: str, use_lemo: bool, mesh_section: MeshSection | None) -> dict:
+    """Gradients and loss, on one device or on the given mesh; without LeMo also the metrics
+    and state after one optimizer step (with LeMo the step adds nothing but compile time)."""
+    train = _train_section(method)
+    graphdef, state, optimizer = _state(method)
+    plan = elimination_plan(LEMO, CONFIG.num_layers, SEQ_LEN) if use_lemo else None
+    gradients = make_gradient_fn(graphdef, train, use_dropout=False, plan=plan)
+    batch = _batch()
+    shardings = None
+    if mesh_section is None:
+        state_in, batch_in = state, jnp.asarray(batch)
+        gradient_step = jax.jit(gradients)
+    else:
+        mesh = make_mesh(mesh_section)
+        shardings = StepShardings(
+            state=tree_shardings(state, mesh), batch=batch_sharding(mesh), metrics=replicated(mesh)
+        )
+        state_in = jax.device_put(state, shardings.state)
+        batch_in = global_array(batch, shardings.batch)
+        gradient_step = jax.jit(gradients, in_shardings=(shardings.state, shardings.batch))
+    grads, total, count = gradient_step(state_in, batch_in)
+    result = dict(grads=grads, loss=total / count, plan=plan is not None, state=state_in)
+    if use_lemo:
+        return result
+    step = make_train_step(
+        graphdef,
+        optimizer,
+        learning_rate_schedule(train),
+        train,
+        use_dropout=False,
+        plan=plan,
+        shardings=shardings,
+    )
+    result["state"], result["metrics"] = step(state_in, batch_in)
+    return result
+
+
+def equivalence(out: Path) -> None:
+    results = {}
+    # LeMo under full fine-tuning only: its sharded trainables are the harder case, and each
+    # case costs three compilations on a 2-core CPU.
+    for method, use_lemo in (("lora", False), ("full", False), ("full", True)):
+        reference = _one_step(method, use_lemo, None)
+        for mesh_name, section in MESHES.items():
+            sharded = _one_step(method, use_lemo, section)
+            result = dict(
+                uses_lemo=sharded["plan"],
+                loss=_relative(sharded["loss"], reference["loss"]),
+                gradients=_relative(sharded["grads"], reference["grads"]),
+                **_placement(sharded["state"], method),
+            )
+            if "metrics" in sharded:
+                metrics, expected = sharded["metrics"], reference["metrics"]
+                result["step_loss"] = _relative(metrics["loss"], expected["loss"])
+                result["grad_norm"] = _relative(metrics["grad_norm"], expected["grad_norm"])
+                result["updated_state"] = _relative(
+                    sharded["state"].trainable, reference["state"].trainable
+                )
+            results[f"{method}{'+lemo' if use_lemo else ''} {mesh_name}"] = result
+    out.write_text(json.dumps(results, indent=1))
+
+
+def _placement(state, method: str) -> dict:
+    """How a large weight and its Adam moment are placed after a step."""
+    where = state.trainable if method == "full" else state.frozen
+    kernel = where["layers"]["mlp"]["gate_proj"]["kernel"].get_value()
+    placement = dict(
+        kernel_spec=str(kernel.sharding.spec),
+        kernel_shard=list(kernel.addressable_shards[0].data.shape),
+        kernel_shape=list(kernel.shape),
+    )
+    if method == "full":
+        moment = state.opt_state[1][0].mu["layers"]["mlp"]["gate_proj"]["kernel"].get_value()
+        placement["moment_spec"] = str(moment.sharding.spec)
+    else:
+        lora_a = state.trainable["layers"]["attention"]["q_proj"]["lora_a"].get_value()
+        placement["lora_a_spec"] = str(lora_a.sharding.spec)
+    return placement
+
+
+def _saved(state) -> dict:
+    return dict(
+        step=state.step, trainable=state.trainable, opt_state=state.opt_state, rng=state.rng
+    )
+
+
+def _trained_state(mesh_section: MeshSection | None, devices=None):
+    """The full fine-tuning state after one step, on one device or on a mesh."""
+    train = _train_section("full")
+    graphdef, state, optimizer = _state("full")
+    if mesh_section is None:
+        step = make_train_step(
+            graphdef, optimizer, learning_rate_schedule(train), train, use_dropout=False
+        )
+        return step(state, jnp.asarray(_batch()))[0]
+    mesh = make_mesh(mesh_section, devices)
+    shardings = StepShardings(
+        state=tree_shardings(state, mesh), batch=batch_sharding(mesh), metrics=replicated(mesh)
+    )
+    step = make_train_step(
+        graphdef,
+        optimizer,
+        learning_rate_schedule(train),
+        train,
+        use_dropout=False,
+        shardings=shardings,
+    )
+    state = jax.device_put(state, shardings.state)
+    return step(state, global_array(_batch(), shardings.batch))[0]
+
+
+def _restore(directory: Path, target) -> dict:
+    checkpoints = RunCheckpoints(directory, asynchronous=False)
+    tree, _ = checkpoints.restore(1, target)
+    checkpoints.close()
+    return tree
+
+
+def _compare(restored: dict, expected: dict) -> dict:
+    kernel = restored["trainable"]["layers"]["mlp"]["gate_proj"]["kernel"].get_value()
+    return dict(
+        error=_relative(restored, expected),
+        kernel_spec=str(getattr(kernel.sharding, "spec", type(kernel.sharding).__name__)),
+        kernel_devices=len(kernel.sharding.device_set),
+    )
+
+
+def save(directory: Path) -> None:
+    """Under 8 devices: a checkpoint from a 2x4 mesh (for the 1-device restore) and one from
+    one device, restored here on a 4-device mesh."""
+    state = _trained_state(MESHES["2x4"])
+    checkpoints = RunCheckpoints(directory / "eight", asynchronous=False)
+    checkpoints.save(1, _saved(state), {"data_position": 8})
+    checkpoints.close()
+    np.savez(directory / "expected.npz", *_leaves(_saved(state)))
+
+    single = _trained_state(None)
+    checkpoints = RunCheckpoints(directory / "one", asynchronous=False)
+    checkpoints.save(1, _saved(single), {"data_position": 8})
+    checkpoints.close()
+    four = make_mesh(MeshSection(data="1", fsdp="4"), jax.devices()[:4])
+    _, fresh, _ = _state("full")
+    target = jax.device_put(_saved(fresh), tree_shardings(_saved(fresh), four))
+    result = _compare(_restore(directory / "one", target), _saved(single))
+    (directory / "one_to_four.json").write_text(json.dumps(result))
+
+
+def restore(directory: Path, out: Path) -> None:
+    """Under 1 device: the 2x4 mesh's checkpoint into an unsharded state."""
+    _, fresh, _ = _state("full")
+    restored = _restore(directory / "eight", _saved(fresh))
+    expected = np.load(directory / "expected.npz")
+    expected_leaves = [expected[f"arr_{index}"] for index in range(len(expected.files))]
+    treedef = jax.tree.structure(_saved(fresh))
+    result = _compare(restored, jax.tree.unflatten(treedef, expected_leaves))
+    result["devices"] = jax.device_count()
+    out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    command, *arguments = sys.argv[1:]
+    {"equivalence": equivalence, "save": save, "restore": restore}[command](*map(Path, arguments))
