@@ -29,13 +29,12 @@ from lemo_jax.lemo.config import LemoConfig
 from lemo_jax.model import Llama, trainable_filter
 from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from lemo_jax.train.sharding import (
-    batch_sharding,
     global_array,
     make_mesh,
-    replicated,
+    step_shardings,
     tree_shardings,
 )
-from lemo_jax.train.step import StepShardings, init_state, make_gradient_fn, make_train_step
+from lemo_jax.train.step import init_state, make_gradient_fn, make_train_step
 
 CONFIG = dataclasses.replace(get_model_config("tiny"), num_layers=4, compute_dtype="float32")
 LORA = LoraConfig(rank=4)
@@ -97,9 +96,7 @@ def _one_step(method: str, use_lemo: bool, mesh_section: MeshSection | None) -> 
         gradient_step = jax.jit(gradients)
     else:
         mesh = make_mesh(mesh_section)
-        shardings = StepShardings(
-            state=tree_shardings(state, mesh), batch=batch_sharding(mesh), metrics=replicated(mesh)
-        )
+        shardings = step_shardings(state, mesh)
         state_in = jax.device_put(state, shardings.state)
         batch_in = global_array(batch, shardings.batch)
         gradient_step = jax.jit(gradients, in_shardings=(shardings.state, shardings.batch))
@@ -179,9 +176,7 @@ def _trained_state(mesh_section: MeshSection | None, devices=None):
         )
         return step(state, jnp.asarray(_batch()))[0]
     mesh = make_mesh(mesh_section, devices)
-    shardings = StepShardings(
-        state=tree_shardings(state, mesh), batch=batch_sharding(mesh), metrics=replicated(mesh)
-    )
+    shardings = step_shardings(state, mesh)
     step = make_train_step(
         graphdef,
         optimizer,
