@@ -1,4 +1,5 @@
-"""lemo_jax.lemo.kept_blocks: the LeMo forward pass with each layer's kept blocks returned."""
+"""lemo_jax.lemo.kept_blocks: the LeMo forward pass with each layer's kept blocks returned (the
+forward itself is the model's, `Llama.hidden_states_and_kept_tokens`)."""
 
 import dataclasses
 
@@ -7,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tolerances import TOLERANCES, relative_error
 
 from lemo_jax.configs import get_model_config
 from lemo_jax.lemo.calibrate import dense_layer_scan
@@ -15,7 +15,6 @@ from lemo_jax.lemo.kept_blocks import kept_blocks
 from lemo_jax.lemo.layer import EliminationPlan, GroupPlan, top_blocks
 from lemo_jax.model import Llama
 
-FP32 = TOLERANCES[jnp.dtype(jnp.float32)]
 CONFIG = dataclasses.replace(get_model_config("tiny"), num_layers=4, compute_dtype="float32")
 BLOCK, NUM_BLOCKS, KEPT = 16, 8, 3
 T = BLOCK * NUM_BLOCKS
@@ -38,12 +37,8 @@ def plan_with(mlp_blocks: int | None) -> EliminationPlan:
 
 
 @pytest.mark.parametrize("mlp_blocks", [None, 5], ids=["dense_mlp", "token_sparse_mlp"])
-def test_forward_is_the_models_lemo_forward(model, token_ids, mlp_blocks):
-    plan = plan_with(mlp_blocks)
-    result = kept_blocks(model, token_ids, plan)
-    expected = model.hidden_states(token_ids, plan=plan)
-    assert relative_error(result.hidden, expected) <= FP32.forward
-    kept = np.asarray(result.kept)
+def test_masks_follow_the_plan(model, token_ids, mlp_blocks):
+    kept = np.asarray(kept_blocks(model, token_ids, plan_with(mlp_blocks)).kept)
     assert kept.shape == (CONFIG.num_layers, 2, NUM_BLOCKS)
     assert kept[[0, 3]].all()  # dense layers keep every block
     assert (kept[1:3].sum(axis=-1) == KEPT).all()

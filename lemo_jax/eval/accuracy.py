@@ -91,7 +91,7 @@ def evaluate_arms(
     interrupted evaluation resumes) and returns all results by arm name."""
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     todo = [arm for arm in arms if arm.name not in results]
-    windows, tokenizer = None, None
+    windows = None
     for interpolate in (False, True):
         group = [arm for arm in todo if arm.interpolate == interpolate]
         if not group:

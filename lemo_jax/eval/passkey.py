@@ -92,11 +92,15 @@ def make_trials(tokenizer, seq_len: int, num_trials: int, *, seed: int = 0) -> l
 
 # (token_ids [B, T], answer_start) -> greedy next-token predictions [B, A] for the positions
 # that predict the A answer tokens (answer_start - 1 .. T - 2).
-Predictor = Callable[[np.ndarray, int], np.ndarray]
+AnswerFn = Callable[[np.ndarray, int], np.ndarray]
 
 
 def score_trials(
-    predict: Predictor, trials: Sequence[PasskeyTrial], *, batch_size: int = 1
+    predict: AnswerFn,
+    trials: Sequence[PasskeyTrial],
+    *,
+    batch_size: int = 1,
+    show_progress: bool = False,
 ) -> list[bool]:
     """Whether each trial's greedy answer is its key. Trials are batched `batch_size` at a time
     (all trials must have one length and one answer start); a short last batch is padded with
@@ -107,7 +111,8 @@ def score_trials(
     if any(t.token_ids.size != seq_len or t.answer_start != answer_start for t in trials):
         raise ValueError("all trials of one call must have the same length and answer start")
     passed: list[bool] = []
-    for start in range(0, len(trials), batch_size):
+    starts = range(0, len(trials), batch_size)
+    for start in tqdm(starts, desc=f"passkey @ {seq_len}", disable=not show_progress):
         batch = list(trials[start : start + batch_size])
         count = len(batch)
         batch += [trials[0]] * (batch_size - count)
@@ -126,7 +131,7 @@ def _greedy_answer(model: Llama, token_ids: jax.Array, answer_start: int) -> jax
     return jnp.argmax(logits, axis=-1)
 
 
-def model_predictor(model: Llama) -> Predictor:
+def model_answers(model: Llama) -> AnswerFn:
     """The greedy predictions of `model` (dense forward, compute dtype of its config)."""
     return lambda token_ids, answer_start: _greedy_answer(
         model, jnp.asarray(token_ids), answer_start
@@ -145,11 +150,9 @@ def passkey_accuracy(
 ) -> dict:
     """{"seq_len", "trials", "accuracy", "passed": [bool per trial], "depths", "keys"}."""
     trials = make_trials(tokenizer, seq_len, num_trials, seed=seed)
-    predict = model_predictor(model)
-    chunks = [trials[start : start + batch_size] for start in range(0, num_trials, batch_size)]
-    passed: list[bool] = []
-    for chunk in tqdm(chunks, desc=f"passkey @ {seq_len}", disable=not show_progress):
-        passed += score_trials(predict, chunk, batch_size=batch_size)
+    passed = score_trials(
+        model_answers(model), trials, batch_size=batch_size, show_progress=show_progress
+    )
     return dict(
         seq_len=seq_len,
         trials=num_trials,

@@ -277,7 +277,7 @@ def elimination_plan(config: LemoConfig, num_layers: int, seq_len: int) -> Elimi
 
 def executed_budgets(config: LemoConfig, num_layers: int, seq_len: int) -> LayerBudgets:
     """The budgets the model actually runs: `layer_budgets` as `elimination_plan` leaves them,
-    after `merge_single_layer_groups` has raised a lone layer's partner to the pair's larger
+    after `merge_by_attention_runs` has raised a one-layer group's partner to the pair's larger
     budget. What logs and benchmarks report (kept fractions, the summary line)."""
     budgets = layer_budgets(config, num_layers, seq_len)
     plan = elimination_plan(config, num_layers, seq_len)

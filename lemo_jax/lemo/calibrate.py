@@ -87,14 +87,8 @@ def dense_layer_scan(
             mlp_input = layer.mlp_norm(h)
             intermediate = mlp_intermediate(layer.mlp, mlp_input)
             h = h + layer.mlp.down_proj(intermediate, dropout_key=None)
-            if not keep_mlp:
-                return h, ((x if keep_inputs else None), scores, None, None)
-            return h, (
-                (x if keep_inputs else None),
-                scores,
-                mlp_input,
-                token_magnitudes(intermediate),
-            )
+            mlp = (mlp_input, token_magnitudes(intermediate)) if keep_mlp else (None, None)
+            return h, ((x if keep_inputs else None), scores, *mlp)
 
         h = model.embedding(token_ids)  # [B, T, D]
         _, outputs = jax.lax.scan(body, h, jnp.arange(model.config.num_layers))

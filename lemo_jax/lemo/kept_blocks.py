@@ -1,16 +1,15 @@
 """Which blocks each layer keeps: LeMo's forward pass with every layer's selection returned.
 
-Training's step runs the layer groups of an `EliminationPlan` and discards each layer's kept
-token ids once the layer has used them. `kept_blocks` runs the same forward pass (the same
-`Llama.select_attention_tokens` and decoder layers, group by group) without dropout or remat,
-and also returns, per layer, which 64-token blocks its attention kept, e.g. for a heat map of
-layers x blocks. A layer's selection depends on the layers before it, since eliminated tokens
-skip their updates, so it cannot be read from a dense pass except up to the first pruned layer.
+Training's step runs the layer groups of an `EliminationPlan` and drops each layer's kept token
+ids once the layer has used them. `kept_blocks` runs the model's same forward pass
+(`Llama.hidden_states_and_kept_tokens`, without dropout or remat) and turns the ids into, per
+layer, which 64-token blocks its attention kept, e.g. for a heat map of layers x blocks. A
+layer's selection depends on the layers before it, since eliminated tokens skip their updates,
+so it cannot be read from a dense pass except up to the first pruned layer.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -19,8 +18,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from lemo_jax.lemo.layer import EliminationPlan
-from lemo_jax.model.llama import Llama, matmul_precision
-from lemo_jax.model.rope import rotary_angles
+from lemo_jax.model.llama import Llama
 
 
 class KeptBlocks(NamedTuple):
@@ -47,43 +45,16 @@ def kept_blocks(model: Llama, token_ids: Int[Array, "B T"], plan: EliminationPla
 
 @nnx.jit(static_argnames=("plan",))
 def _kept_blocks(model: Llama, token_ids, plan: EliminationPlan) -> KeptBlocks:
-    with matmul_precision(model.config.compute_jnp_dtype):
-        B, T = token_ids.shape
-        num_blocks = T // plan.block_size
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        cos, sin = rotary_angles(model.config.rope, model.config.head_dim, positions)
-        h = model.embedding(token_ids)  # [B, T, D]
-        kept = []
-        for group in plan.groups:
-            # The body of `Llama._run_group` without dropout keys and remat, which change
-            # neither the selection nor the forward values.
-            mlp_tokens = None if group.mlp_blocks is None else group.mlp_blocks * plan.block_size
-
-            def body(h, index, group=group, mlp_tokens=mlp_tokens):
-                token_ids_kept, mask = None, jnp.ones((B, num_blocks), bool)
-                if group.attention_blocks is not None:
-                    token_ids_kept = model.select_attention_tokens(
-                        h, cos, sin, index, num_blocks=group.attention_blocks, plan=plan
-                    )  # [B, R], whole blocks in order
-                    mask = _block_mask(token_ids_kept, plan.block_size, num_blocks)
-                mlp_scorer = None
-                if mlp_tokens is not None and plan.scorer == "predictor":
-                    mlp_scorer = functools.partial(model.block_predictor.token_scores, index)
-                h = model.layer(index)(
-                    h,
-                    cos,
-                    sin,
-                    None,
-                    attention_token_ids=token_ids_kept,
-                    mlp_tokens=mlp_tokens,
-                    mlp_scorer=mlp_scorer,
-                    kernels=plan.row_kernels,
-                )
-                return h, mask
-
-            h, group_kept = jax.lax.scan(body, h, jnp.arange(group.start, group.stop))
-            kept.append(group_kept)  # [layers of the group, B, M]
-        return KeptBlocks(jnp.concatenate(kept), model.final_norm(h))
+    B, T = token_ids.shape
+    num_blocks = T // plan.block_size
+    hidden, kept_ids = model.hidden_states_and_kept_tokens(token_ids, plan=plan)
+    masks = []
+    for group, ids in zip(plan.groups, kept_ids, strict=True):
+        if ids is None:  # attention-dense layers keep every block
+            masks.append(jnp.ones((group.stop - group.start, B, num_blocks), bool))
+        else:  # [layers, B, R] -> [layers, B, M]
+            masks.append(jax.vmap(lambda i: _block_mask(i, plan.block_size, num_blocks))(ids))
+    return KeptBlocks(jnp.concatenate(masks), hidden)
 
 
 def _block_mask(

@@ -220,7 +220,17 @@ class Llama(nnx.Module):
         """The final-norm output, before the LM head; `remat_policy` names what each layer
         saves for the backward pass (see `lemo_jax.model.remat`)."""
         with matmul_precision(self.config.compute_jnp_dtype):
-            return self._hidden_states(input_ids, positions, dropout_key, remat_policy, plan)
+            hidden, _ = self._hidden_states(input_ids, positions, dropout_key, remat_policy, plan)
+        return hidden
+
+    def hidden_states_and_kept_tokens(
+        self, input_ids: Int[Array, "B T"], *, plan: EliminationPlan
+    ) -> tuple[Float[Array, "B T D"], tuple[Int[Array, "layers B R"] | None, ...]]:
+        """The LeMo forward pass under `plan` (no dropout, no remat) and, per group of the plan,
+        the token ids each of its layers kept for attention (None for attention-dense groups),
+        which the training step computes and drops (`lemo_jax.lemo.kept_blocks`)."""
+        with matmul_precision(self.config.compute_jnp_dtype):
+            return self._hidden_states(input_ids, None, None, "none", plan)
 
     def layer(self, index) -> DecoderLayer:
         """Layer `index` of the [L] stack (`index` may be traced, as inside a scan)."""
@@ -256,7 +266,7 @@ class Llama(nnx.Module):
 
         Each step reads its layer's parameters from the [L] stack by index, so groups never copy
         slices of the stack. The token selection runs outside the remat region: its int32
-        indices are all the backward pass keeps of it.
+        indices are all the backward pass keeps of it. Returns h and the kept ids per layer.
         """
         mlp_tokens = None if group.mlp_blocks is None else group.mlp_blocks * plan.block_size
         kernels = "xla" if plan is None else plan.row_kernels
@@ -292,12 +302,12 @@ class Llama(nnx.Module):
                 token_ids = self.select_attention_tokens(
                     h, cos, sin, index, num_blocks=group.attention_blocks, plan=plan
                 )
-            return update(h, index, key, token_ids), None
+            return update(h, index, key, token_ids), token_ids
 
         indices = jnp.arange(group.start, group.stop)
         keys = None if layer_keys is None else layer_keys[group.start : group.stop]
-        h, _ = jax.lax.scan(body, h, (indices, keys))
-        return h
+        # The kept ids ([layers, B, R] int32) are for inspection; unused, the compiler drops them.
+        return jax.lax.scan(body, h, (indices, keys))
 
     def _hidden_states(self, input_ids, positions, dropout_key, remat_policy, plan):
         B, T = input_ids.shape
@@ -309,9 +319,11 @@ class Llama(nnx.Module):
             None if dropout_key is None else jax.random.split(dropout_key, self.config.num_layers)
         )
         groups = plan.groups if plan is not None else (GroupPlan(0, self.config.num_layers),)
+        kept = []
         for group in groups:
-            h = self._run_group(h, group, plan, cos, sin, layer_keys, remat_policy)
-        return self.final_norm(h)
+            h, group_kept = self._run_group(h, group, plan, cos, sin, layer_keys, remat_policy)
+            kept.append(group_kept)
+        return self.final_norm(h), tuple(kept)
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """LM head in the compute dtype with float32 accumulation and output."""
