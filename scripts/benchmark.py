@@ -218,42 +218,56 @@ def _max_context(args: argparse.Namespace, base, mode: str) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     """Median step time, tokens/s and peak per (length, mode), with ratios to `hf_peft`'s time
-    and `dense`'s peak at the same length where those were measured."""
+    and to `dense`'s peak and activation memory (peak minus the training state) at the same
+    length where those were measured."""
 
     def value(row, key):
         return None if "error" in row else row.get(key)
 
     lines = [
         "| tokens | mode | median step (s) | tokens/s | model TFLOP/s | peak (GiB) | compile (s) "
-        "| selection share | time / hf_peft | peak / dense |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| selection share | time / hf_peft | peak / dense | activations / dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         same = {r["mode"]: r for r in rows if r["seq_len"] == row["seq_len"]}
         step, peak = value(row, "median_step_s"), value(row, "peak_gib")
         peer_step = value(same["hf_peft"], "median_step_s") if "hf_peft" in same else None
         dense_peak = value(same["dense"], "peak_gib") if "dense" in same else None
+        activations = _activation_gib(row) if "error" not in row else None
+        dense_activations = _activation_gib(same["dense"]) if "dense" in same else None
 
         def fmt(number, pattern):
             return "-" if number is None else pattern.format(number)
 
         time_ratio = step / peer_step if step and peer_step else None
         peak_ratio = peak / dense_peak if peak and dense_peak else None
+        activation_ratio = (
+            activations / dense_activations if activations and dense_activations else None
+        )
         tokens_per_step = value(row, "tokens_per_s") and row["tokens_per_s"] * row["step_s"]
         tokens = tokens_per_step / step if step and tokens_per_step else None
         lines.append(
             f"| {row['seq_len']:,} | {row['mode']} | "
             + (
-                f"{row['error']} | - | - | - | - | - | - | - |"
+                f"{row['error']} | - | - | - | - | - | - | - | - |"
                 if "error" in row
                 else f"{fmt(step, '{:.3f}')} | {fmt(tokens, '{:,.0f}')} | "
                 f"{fmt(value(row, 'model_tflops'), '{:.1f}')} | {fmt(peak, '{:.2f}')} | "
                 f"{fmt(value(row, 'compile_s'), '{:.1f}')} | "
                 f"{fmt(value(row, 'selection_share'), '{:.1%}')} | {fmt(time_ratio, '{:.2f}')} | "
-                f"{fmt(peak_ratio, '{:.2f}')} |"
+                f"{fmt(peak_ratio, '{:.2f}')} | {fmt(activation_ratio, '{:.2f}')} |"
             )
         )
     return "\n".join(lines)
+
+
+def _activation_gib(row: dict) -> float | None:
+    """Peak minus the training state (weights, adapters, optimizer state): what the step's
+    activations and temporaries took. None where either is unknown (hf_peft, errors)."""
+    if "error" in row or row.get("peak_gib") is None or row.get("state_gib") is None:
+        return None
+    return row["peak_gib"] - row["state_gib"]
 
 
 def profile_table(rows: list[dict]) -> str:

@@ -1,5 +1,6 @@
 """Running the command-line scripts as a user would: a fresh Python process, output captured."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,3 +12,11 @@ def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.Complete
     """`python scripts/NAME ARGS...`; never raises on a non-zero exit (tests check it)."""
     command = [sys.executable, str(ROOT / "scripts" / name), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as a module (for its functions; `main` is not run)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

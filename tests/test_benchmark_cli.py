@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from run_scripts import run_script
+from run_scripts import load_script, run_script
 
 TINY_LEMO = ["--set", "lemo.schedule=uniform:0.5", "--set", "lemo.block_size=16"]
 
@@ -57,6 +57,8 @@ def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
         assert abs(row["loss"] - math.log(512)) < 0.5, row
     assert "peft" in peer["implementation"] and peer["device"] == "cpu"
     assert dense["compiled_gib"] > 0 and dense["kept_fraction"] == 1.0
+    # The same training state (weights, adapters, AdamW moments) in both of our modes.
+    assert dense["state_gib"] > 0 and lemo["state_gib"] == pytest.approx(dense["state_gib"])
     assert lemo["kept_fraction"] == 0.5
     assert lemo["layer_groups"] == 1 and lemo["temp_gib"] < dense["temp_gib"]
     table = result.stdout[result.stdout.index("| tokens | mode |") :].split("\n\n")[0].splitlines()
@@ -79,6 +81,22 @@ def test_step_time_report_runs_each_configuration_in_its_own_process(tmp_path):
         assert row["model_tflops"] * row["median_step_s"] == pytest.approx(
             rows[0]["model_tflops"] * rows[0]["median_step_s"]
         )
+
+
+def test_table_reports_activation_memory_against_dense():
+    """Activation memory is the peak minus the training state; the ratio is to dense's."""
+    common = dict(seq_len=8192, step_s=1.0, median_step_s=1.0, tokens_per_s=8192.0)
+    rows = [
+        dict(mode="dense", peak_gib=72.0, state_gib=12.0, **common),
+        dict(mode="lemo", peak_gib=42.0, state_gib=12.0, **common),
+        dict(mode="lemo_predictor", error="out of memory", seq_len=8192),
+    ]
+    table = load_script("benchmark").markdown_table(rows).splitlines()
+    assert table[0].split("|")[-2].strip() == "activations / dense"
+    cells = [line.split("|") for line in table[2:]]
+    assert [row[-2].strip() for row in cells] == ["1.00", "0.50", "-"]
+    assert cells[1][-3].strip() == "0.58"  # peak / dense: 42 / 72
+    assert all(len(row) == len(cells[0]) for row in cells)
 
 
 def test_kernel_benchmark_reports_ceilings_and_fractions():

@@ -1,27 +1,17 @@
 """A fine-tuning run's checkpoint exported to Hugging Face and PEFT gives the run's logits."""
 
-import importlib.util
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import torch
 from hf_models import save_tiny_llama, save_tiny_tokenizer, tiny_llama_config
 from peft import PeftModel
+from run_scripts import load_script
 from tolerances import HF_PARITY, relative_error
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from lemo_jax.train.restore import load_run_model
 
-ROOT = Path(__file__).parents[1]
 TEXT = "\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(600))
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_exported_model_and_adapter_match_the_checkpoint(tmp_path):

@@ -1,23 +1,14 @@
 """Bad input to finetune.py / export_to_pytorch.py: one clear line, non-zero exit, nothing lost."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-from run_scripts import ROOT, run_script
+from run_scripts import load_script, run_script
 
 from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.configs.runs import get_run_config
 from lemo_jax.errors import UserError
 from lemo_jax.train.setup import write_run_config
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 finetune = load_script("finetune")
 export = load_script("export_to_pytorch")

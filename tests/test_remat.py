@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 from jax import ad_checkpoint
+from jax._src.ad_checkpoint import saved_residuals
 from lora_training import activate_lora, mean_loss
 from tolerances import TOLERANCES, relative_error
 
 from lemo_jax.configs import LoraConfig, get_model_config
+from lemo_jax.lemo.layer import EliminationPlan, GroupPlan
 from lemo_jax.model import Llama, trainable_filter
 from lemo_jax.model.remat import REMAT_POLICIES
 
@@ -97,3 +99,34 @@ def test_save_attention_output_keeps_the_kernels_statistics(backend, dtype):
     if backend == "cudnn":
         forward = '"__cudnn$fmhaSoftmax"'
         assert (full_hlo.count(forward), saved_hlo.count(forward)) == (2, 1)
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_none_saves_activations_but_no_copy_of_the_weights(param_dtype):
+    """Under `none` a step split into layer groups (as LeMo's plans are) saves every activation
+    but neither the layers' weights as read from the stack nor their casts to the compute
+    dtype: saved, each group's would be stacked into a copy of its weights. Upcasts of saved
+    tensors are not kept either. Gradients are unchanged (the first test covers one group)."""
+    config = dataclasses.replace(CONFIG, compute_dtype="bfloat16", param_dtype=param_dtype)
+    plan = EliminationPlan(block_size=64, groups=(GroupPlan(0, 2), GroupPlan(2, 4, 4, 4)))
+    model = Llama(config, lora=LORA, rngs=nnx.Rngs(0))
+    activate_lora(model)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(LORA), ...)
+    loss = mean_loss(graphdef, remat_policy="none", loss_chunk_size=256, plan=plan)
+    token_ids = jax.random.randint(jax.random.key(1), (1, 512), 0, config.vocab_size)
+    # What the layer scans save ([layers, ...] each); the weights themselves are arguments.
+    saved = saved_residuals(loss, trainable, frozen, token_ids)
+    residuals = [aval for aval, why in saved if "scan" in why]
+    shapes = [aval.shape for aval in residuals]
+    D, F = config.model_dim, config.mlp_dim
+    weight_shapes = {(2, D, F), (2, F, D), (2, D, D), (D, F), (F, D), (D, D)}
+    assert not weight_shapes & set(shapes), shapes
+    # Activations are saved: the MLP's [layers, B, tokens, F] intermediates of both groups
+    # (the pruned group's over its 256 kept tokens), and no float32 copy of a bf16 activation.
+    assert (2, 1, 512, F) in shapes and (2, 1, 256, F) in shapes
+    assert not [a for a in residuals if a.dtype == jnp.float32 and a.shape[-1:] in ((D,), (F,))]
+    reference = jax.grad(mean_loss(graphdef, remat_policy="full", loss_chunk_size=256, plan=plan))
+    grads = jax.grad(loss)(trainable, frozen, token_ids)
+    expected = reference(trainable, frozen, token_ids)
+    for leaf, other in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        assert relative_error(leaf, other) <= TOLERANCES[jnp.dtype(jnp.bfloat16)].gradient

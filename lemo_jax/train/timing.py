@@ -53,7 +53,9 @@ def measure_step_time(
 ) -> dict:
     """Times `steps` training steps; returns seconds (best and median), tokens/s at the best
     step, the compile time, the compiled step's memory estimate and the peak device memory
-    (GiB; None on backends that do not report it), the kept-token fraction, and under LeMo the
+    (GiB; None on backends that do not report it), the training state's size (weights,
+    adapters and optimizer state; the peak minus it is the step's activation memory), the
+    kept-token fraction, and under LeMo the
     token selection's time per step and its share of the median step. With `profile_dir`, one
     more step runs under the profiler (`lemo_jax.train.profile`) and its summary is returned
     as `profile`."""
@@ -64,6 +66,7 @@ def measure_step_time(
     optimizer = make_optimizer(train)
     graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
     del model
+    state_gib = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) / GIB
     step, plan = benchmark_step(config, graphdef, optimizer, model_config.num_layers)
     shape = (train.grad_accum, train.batch_size, train.seq_len)
     started = time.perf_counter()
@@ -96,6 +99,7 @@ def measure_step_time(
         median_step_s=statistics.median(seconds),
         tokens_per_s=train.grad_accum * train.batch_size * train.seq_len / best,
         peak_gib=peak_device_memory_gib(),
+        state_gib=state_gib,
         compiled_gib=compiled_memory_gib(compiled),
         temp_gib=compiled.memory_analysis().temp_size_in_bytes / GIB,
         compile_s=compile_s,
