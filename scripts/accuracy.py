@@ -3,11 +3,13 @@
     python scripts/accuracy.py --out runs/accuracy                   # SmolLM2-135M 8K -> 32K
 
 Every arm fine-tunes the configuration (`smollm2_accuracy`: linear position interpolation x4,
-LoRA r=8 on q,k,v,o, 200 steps of 32K tokens) with the same data order, seed and steps:
+LoRA r=8 on every projection, 400 steps of 32K tokens) with the same data order, seed and steps:
 
     dense            LeMo off
     lemo_oracle      LeMo, paper_e2e budgets, exact (oracle) block scores
-    lemo_calibrated  LeMo, budgets calibrated on the base model (scripts/calibrate_budgets.py)
+    lemo_calibrated  LeMo, budgets calibrated on the interpolated base model: the layers whose
+                     elimination raises its loss by at most --max-loss-rise nats together
+                     (scripts/calibrate_budgets.py; --max-loss-rise 0 for the score threshold)
     lemo_predictor   LeMo, paper_e2e budgets, trained predictors (scripts/train_predictor.py)
 
 then each arm and the base model (with and without interpolation) is evaluated densely:
@@ -62,6 +64,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-tokens", type=int, default=32_768, help="tokens per forward")
     parser.add_argument("--predictor-steps", type=int, default=400)
     parser.add_argument("--calibration-samples", type=int, default=8)
+    parser.add_argument(
+        "--max-loss-rise",
+        type=float,
+        default=0.05,
+        help="lemo_calibrated: loss rise bound of the calibration in nats (default 0.05; 0: "
+        "the score threshold instead)",
+    )
     args = parser.parse_args(argv)
     args.config = args.config or "smollm2_accuracy"
     args.arms = _choices(args.arms, ARMS, "--arms")
@@ -77,6 +86,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("eval_tokens", "passkey_trials", "batch_tokens", "predictor_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if args.max_loss_rise < 0:
+        raise UserError(f"--max-loss-rise must be at least 0, got {args.max_loss_rise}")
     return args
 
 
@@ -88,11 +99,20 @@ def _choices(text: str, allowed: Sequence[str], flag: str) -> list[str]:
     return chosen
 
 
+# Calibrated budgets prune whichever layers qualify, often one at a time: each runs alone rather
+# than paired with a dense neighbour (which would run it dense), in calibration and training.
+CALIBRATED_PLAN = ("lemo.merge_lone_layers=false",)
+
+
 def arm_overrides(arm: str, out: Path) -> list[str]:
     lemo = {
         "dense": ["lemo.enabled=false"],
         "lemo_oracle": ["lemo.enabled=true", "lemo.schedule=paper_e2e", "lemo.scorer=oracle"],
-        "lemo_calibrated": ["lemo.enabled=true", f"lemo.schedule=file:{out / 'budgets.json'}"],
+        "lemo_calibrated": [
+            "lemo.enabled=true",
+            f"lemo.schedule=file:{out / 'budgets.json'}",
+            *CALIBRATED_PLAN,
+        ],
         "lemo_predictor": [
             "lemo.enabled=true",
             "lemo.schedule=paper_e2e",
@@ -135,7 +155,10 @@ class Stages:
         budgets, predictors = self.out / "budgets.json", self.out / "predictors"
         if "lemo_calibrated" in self.args.arms and not budgets.exists():
             samples = ["--samples", str(self.args.calibration_samples), "--out", str(budgets)]
-            self.run("calibrate", "calibrate_budgets.py", self.config_arguments() + samples)
+            if self.args.max_loss_rise:
+                samples += ["--max-loss-rise", str(self.args.max_loss_rise)]
+            arguments = self.config_arguments(*CALIBRATED_PLAN)
+            self.run("calibrate", "calibrate_budgets.py", arguments + samples)
         if "lemo_predictor" in self.args.arms and not (predictors / "recall.json").exists():
             steps = ["--steps", str(self.args.predictor_steps), "--no-progress"]
             arguments = self.config_arguments("lemo.schedule=paper_e2e")

@@ -16,23 +16,12 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-import numpy as np
-from flax import nnx
-
 from lemo_jax.configs.cli import add_run_config_arguments, run_config_from_args
 from lemo_jax.data import prepare_data
 from lemo_jax.errors import UserError, run_cli
 from lemo_jax.lemo.budgets import elimination_plan, executed_budgets
+from lemo_jax.lemo.calibrate import mean_window_loss
 from lemo_jax.train.setup import attach_predictors, build_model
-from lemo_jax.train.step import sequence_loss_sum
-
-
-@nnx.jit(static_argnames=("plan",))
-def _loss(model, token_ids, plan):
-    total, count = sequence_loss_sum(
-        model, token_ids, dropout_key=None, remat_policy="none", loss_chunk_size=2048, plan=plan
-    )
-    return total / count
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -71,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             lemo = dataclasses.replace(lemo, scorer="predictor", predictor_path="untrained")
             attach_predictors(model, lemo, random_seed=0)
         plan = elimination_plan(lemo, num_layers, seq_len)
-        loss = float(np.mean([_loss(model, window[None], plan) for window in windows]))
+        loss = mean_window_loss(model, windows, plan)
         kept = executed_budgets(lemo, num_layers, seq_len).kept_fraction()[1] if schedule else 1.0
         dense_loss = loss if dense_loss is None else dense_loss
         print(f"{name:<24} {scorer:<8} {kept:6.3f} {loss:8.4f} {loss - dense_loss:+8.4f}")

@@ -13,7 +13,15 @@ from tolerances import TOLERANCES, relative_error
 
 from lemo_jax.configs import get_model_config
 from lemo_jax.lemo import LemoConfig, layer_budgets, read_schedule_file
-from lemo_jax.lemo.calibrate import calibrated_keep_ratios, layer_block_scores
+from lemo_jax.lemo.budgets import elimination_plan
+from lemo_jax.lemo.calibrate import (
+    calibrated_keep_ratios,
+    layer_block_scores,
+    loss_bounded_keep_ratios,
+    mean_window_loss,
+    single_layer_loss_rises,
+)
+from lemo_jax.lemo.layer import GroupPlan
 from lemo_jax.model import Llama
 from lemo_jax.model.rope import rotary_angles
 from pallas_kernels.block_scores import block_scores_reference
@@ -162,3 +170,85 @@ def test_script_writes_a_usable_schedule(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "already exists" in lines[0]
     assert out.read_text() == before
+
+
+def test_single_layer_rises_match_a_plan_pruning_that_layer_alone():
+    """One compilation serves every layer; each rise equals the loss of the model's own LeMo
+    forward pass with a plan that prunes just that layer."""
+    config = dataclasses.replace(CONFIG, num_layers=4)
+    model = Llama(config, rngs=nnx.Rngs(0))
+    windows = jax.random.randint(jax.random.key(3), (2, 256), 0, config.vocab_size)
+    lemo = LemoConfig(enabled=True, schedule="uniform:0.5", block_size=32, merge_lone_layers=False)
+    trial = elimination_plan(lemo, config.num_layers, 256)
+    dense = mean_window_loss(model, windows, None)
+    rises = single_layer_loss_rises(model, windows, num_blocks=4, plan=trial, dense_loss=dense)
+    assert rises.shape == (4,) and np.all(rises != 0)
+    for layer in range(config.num_layers):
+        groups = [GroupPlan(layer, layer + 1, 4)]
+        if layer:
+            groups.insert(0, GroupPlan(0, layer))
+        if layer < config.num_layers - 1:
+            groups.append(GroupPlan(layer + 1, config.num_layers))
+        plan = dataclasses.replace(trial, groups=tuple(groups))
+        expected = mean_window_loss(model, windows, plan) - dense
+        assert abs(rises[layer] - expected) <= FP32.forward * abs(dense), layer
+
+
+def test_loss_bounded_ratios_take_the_least_harmful_layers_within_the_bound():
+    single = [0.5, 0.01, 0.03, 0.2, 0.02, 0.9]  # layers 0 and 5 are end layers
+
+    def joint(ratios):  # interactions: the joint rise exceeds the sum
+        calls.append(ratios)
+        return 2.0 * sum(rise for rise, ratio in zip(single, ratios, strict=True) if ratio < 1)
+
+    calls = []
+    result = loss_bounded_keep_ratios(single, max_rise=0.1, trial_ratio=0.4, joint_rise=joint)
+    # Candidates by own rise, without the end layers and layer 3 (alone above the bound).
+    assert result.order == [1, 4, 2]
+    # 1 + 4 + 2 would be 0.06 summed but measures 0.12: only layers 1 and 4 are taken.
+    assert result.ratios == [1.0, 0.4, 1.0, 1.0, 0.4, 1.0]
+    assert result.rise == pytest.approx(0.06) and len(calls) == len(result.evaluated) <= 2
+    everything = loss_bounded_keep_ratios(
+        single, max_rise=5.0, trial_ratio=0.4, joint_rise=joint, use_dense_end_layers=False
+    )
+    assert everything.ratios == [0.4] * 6
+    nothing = loss_bounded_keep_ratios(single, max_rise=0.001, trial_ratio=0.4, joint_rise=joint)
+    assert nothing.ratios == [1.0] * 6 and nothing.rise == 0.0 and nothing.evaluated == []
+    with pytest.raises(ValueError, match="max_rise"):
+        loss_bounded_keep_ratios(single, max_rise=0.0, trial_ratio=0.4, joint_rise=joint)
+
+
+def test_script_bounds_the_budgets_by_the_loss(tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text(TEXT)
+    out = tmp_path / "loss.json"
+    overrides = [
+        f"data.train={data}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.seq_len=256",
+        "lemo.block_size=32",
+        "lemo.merge_lone_layers=false",
+    ]
+    set_args = [arg for override in overrides for arg in ("--set", override)]
+    result = run_script(
+        "calibrate_budgets.py",
+        *("--config", "tiny", *set_args, "--samples", "2", "--max-loss-rise", "0.05"),
+        *("--trial-ratio", "0.5", "--out", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    content = json.loads(out.read_text())
+    source, ratios = content["source"], content["attention"]
+    assert set(ratios) <= {0.5, 1.0} and ratios[0] == ratios[-1] == 1.0
+    assert len(source["single_layer_rises"]) == len(ratios) and source["trial_blocks"] == 4
+    assert source["loss_rise"] <= 0.05
+    # The rise written is the one measured for exactly the layers taken.
+    taken = sum(ratio < 1 for ratio in ratios)
+    probes = {probe["layers"]: probe["rise"] for probe in source["joint_probes"]}
+    assert taken == 0 or probes[taken] == source["loss_rise"]
+    assert "of tokens kept" in result.stdout
+
+    result = run_script(
+        "calibrate_budgets.py",
+        *("--config", "tiny", *set_args, "--max-loss-rise", "-1", "--out", str(tmp_path / "x")),
+    )
+    assert result.returncode == 2 and "--max-loss-rise must be positive" in result.stderr

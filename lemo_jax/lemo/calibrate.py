@@ -9,12 +9,19 @@ maximum, outliers excluded.
     ratios = calibrated_keep_ratios(scores, tau=0.1)               # L floats in (0, 1]
     write_schedule_file(path, attention=ratios, source={...})      # lemo.schedule=file:PATH
 
+Or by the loss itself: which layers can keep `trial_ratio` of their blocks while the model's
+loss on the samples rises by at most `max_rise` nats (`loss_bounded_keep_ratios`, from each
+layer's own rise, `single_layer_loss_rises`). The score threshold says which blocks carry
+attention mass; only the loss says what dropping them costs, and on small models the two
+disagree (docs/ACCURACY.md).
+
 Scores are the exact oracle scores (paper eq. 2, causal) that training's block selection ranks,
 computed from each layer's input in the dense model, so no elimination upstream changes them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -23,9 +30,11 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from lemo_jax.lemo.layer import mlp_intermediate, token_magnitudes
+from lemo_jax.lemo.layer import EliminationPlan, mlp_intermediate, token_magnitudes
 from lemo_jax.model.llama import PROJECTIONS, Llama, matmul_precision
+from lemo_jax.model.loss import chunked_cross_entropy, next_token_targets
 from lemo_jax.model.rope import rotary_angles
+from lemo_jax.train.step import sequence_loss_sum
 from pallas_kernels import block_scores
 
 
@@ -155,3 +164,137 @@ def calibrated_keep_ratios(
     if use_dense_end_layers:
         ratios[[0, -1]] = 1.0
     return [float(ratio) for ratio in ratios]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss-bounded calibration (paper Algorithm 1's idea: steps on the model's quality, per layer).
+
+
+@nnx.jit(static_argnames=("plan", "loss_chunk_size"))
+def _window_loss(model: Llama, token_ids, plan: EliminationPlan | None, loss_chunk_size: int):
+    total, count = sequence_loss_sum(
+        model,
+        token_ids,
+        dropout_key=None,
+        remat_policy="none",
+        loss_chunk_size=loss_chunk_size,
+        plan=plan,
+    )
+    return total / count
+
+
+def mean_window_loss(
+    model: Llama,
+    windows: Int[Array, "W T"],
+    plan: EliminationPlan | None,
+    *,
+    loss_chunk_size: int = 2048,
+) -> float:
+    """Mean next-token loss of `model` (under `plan`, dense for None) over the windows, one
+    window at a time (one compiled shape, the memory of a single sequence)."""
+    losses = [_window_loss(model, window[None], plan, loss_chunk_size) for window in windows]
+    return float(np.mean(losses))
+
+
+@nnx.jit(static_argnames=("num_blocks", "plan", "loss_chunk_size"))
+def _single_layer_loss(model: Llama, token_ids, layer, num_blocks, plan, loss_chunk_size):
+    """The loss with only layer `layer` (traced: one compilation serves every layer) keeping
+    `num_blocks` blocks for attention, selected as training selects them under `plan`."""
+    with matmul_precision(model.config.compute_jnp_dtype):
+        B, T = token_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rotary_angles(model.config.rope, model.config.head_dim, positions)
+
+        def dense(index, h):
+            return model.layer(index)(h, cos, sin, None)
+
+        h = jax.lax.fori_loop(0, layer, dense, model.embedding(token_ids))
+        kept = model.select_attention_tokens(h, cos, sin, layer, num_blocks=num_blocks, plan=plan)
+        h = model.layer(layer)(
+            h, cos, sin, None, attention_token_ids=kept, kernels=plan.row_kernels
+        )
+        h = jax.lax.fori_loop(layer + 1, model.config.num_layers, dense, h)
+        hidden = model.final_norm(h)
+    targets, weights = next_token_targets(token_ids)
+    total, count = chunked_cross_entropy(
+        model.logits, hidden, targets, weights, chunk_size=loss_chunk_size
+    )
+    return total / count
+
+
+def single_layer_loss_rises(
+    model: Llama,
+    windows: Int[Array, "W T"],
+    *,
+    num_blocks: int,
+    plan: EliminationPlan,
+    dense_loss: float,
+    loss_chunk_size: int = 2048,
+) -> np.ndarray:
+    """[L] float64: per layer, the mean loss rise over the windows when that layer alone keeps
+    `num_blocks` attention blocks (chosen by `plan`'s scorer and settings) and every other
+    layer is dense. Compiled once for all layers."""
+    rises = []
+    for layer in range(model.config.num_layers):
+        losses = [
+            _single_layer_loss(
+                model, window[None], jnp.int32(layer), num_blocks, plan, loss_chunk_size
+            )
+            for window in windows
+        ]
+        rises.append(float(np.mean(losses)) - dense_loss)
+    return np.asarray(rises)
+
+
+class LossBoundedRatios(NamedTuple):
+    ratios: list[float]  # per layer: `trial_ratio` for the chosen layers, 1.0 elsewhere
+    rise: float  # the measured loss rise of `ratios` together
+    order: list[int]  # candidate layers, least harmful first
+    evaluated: list[tuple[int, float]]  # (layers pruned, measured rise) of every joint probe
+
+
+def loss_bounded_keep_ratios(
+    single_rises: Sequence[float],
+    *,
+    max_rise: float,
+    trial_ratio: float,
+    joint_rise: Callable[[list[float]], float],
+    use_dense_end_layers: bool = True,
+) -> LossBoundedRatios:
+    """The most layers keeping `trial_ratio` whose joint loss rise stays within `max_rise`.
+
+    Layers are taken in order of their own rise (`single_layer_loss_rises`), least harmful
+    first; layers that alone exceed `max_rise` (and, with `use_dense_end_layers`, the first and
+    last, see `calibrated_keep_ratios`) are never taken. Joint rises are not the sum of single
+    ones, so `joint_rise(ratios)` measures them: a bisection on the number of layers taken,
+    assuming more layers never lower the rise (about log2(L) measurements).
+    """
+    if not max_rise > 0:
+        raise ValueError(f"max_rise must be positive; got {max_rise=}")
+    if not 0 < trial_ratio < 1:
+        raise ValueError(f"trial_ratio must be in (0, 1); got {trial_ratio=}")
+    rises = np.asarray(single_rises, dtype=np.float64)
+    num_layers = len(rises)
+    excluded = {0, num_layers - 1} if use_dense_end_layers else set()
+    order = [
+        int(layer)
+        for layer in np.argsort(rises, kind="stable")
+        if layer not in excluded and rises[layer] <= max_rise
+    ]
+
+    def ratios_for(count: int) -> list[float]:
+        chosen = set(order[:count])
+        return [trial_ratio if layer in chosen else 1.0 for layer in range(num_layers)]
+
+    evaluated: list[tuple[int, float]] = []
+    best, best_rise = 0, 0.0
+    low, high = 1, len(order)  # the answer is in [best, high]; `best` is known to fit
+    while low <= high:
+        middle = (low + high) // 2
+        rise = float(joint_rise(ratios_for(middle)))
+        evaluated.append((middle, rise))
+        if rise <= max_rise:
+            best, best_rise, low = middle, rise, middle + 1
+        else:
+            high = middle - 1
+    return LossBoundedRatios(ratios_for(best), best_rise, order, evaluated)
