@@ -1,6 +1,6 @@
 """Mesh sharding: the mesh config, the logical-axis rules, and (on 8 simulated CPU devices, in a
-fresh process: this one's JAX already has its single device) sharded steps that match one
-device, and checkpoints that restore under another mesh."""
+fresh process: this one's JAX already has its single device) models built and loaded sharded,
+sharded steps that match one device, and checkpoints that restore under another mesh."""
 
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ from lemo_jax.train.loop import run_training
 from lemo_jax.train.sharding import run_mesh, variable_spec
 
 CHECKS = Path(__file__).parent / "sharding_checks.py"
+BUILD_CHECKS = Path(__file__).parent / "sharded_build_checks.py"
 FINETUNE = Path(__file__).parents[1] / "scripts" / "finetune.py"
 # The issue's bar: fp32 loss and gradients within 1e-5 relative of one device.
 TOLERANCE = TOLERANCES[jnp.dtype(jnp.float32)].forward
+# The bar for a model built sharded against one built on one device (fp32): jit's fused random
+# initialisation differs from eager by about one rounding (measured 4e-8 relative).
+BUILD_TOLERANCE = 1e-6
 
 
 def run_checks(*arguments: str, devices: int, script: Path = CHECKS) -> None:
@@ -109,6 +113,70 @@ def test_sharded_step_matches_one_device(equivalence, case):
         assert result["moment_spec"] == result["kernel_spec"]
     else:  # adapters are replicated
         assert result["lora_a_spec"] == "P()"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    directory = tmp_path_factory.mktemp("sharded_build")
+    run_checks(str(directory / "hf"), str(directory / "built.json"), devices=8, script=BUILD_CHECKS)
+    return json.loads((directory / "built.json").read_text())
+
+
+MESH_NAMES = ["2x4", "1x8"]
+
+
+def _assert_placed(placement: dict, count: int) -> None:
+    """Every variable on the rules' sharding, and `count` of them split 1/fsdp per device."""
+    assert placement["wrong_sharding"] == [], placement["wrong_sharding"]
+    assert placement["uneven_shards"] == [], placement["uneven_shards"]
+    assert placement["sharded"] == count
+
+
+@pytest.mark.parametrize("mesh", MESH_NAMES)
+def test_random_model_is_built_sharded(built, mesh):
+    result, fsdp = built[mesh]["random"], built[mesh]["fsdp"]
+    # The tiny model's 12 weights, embeddings and norms all have D, which fsdp divides.
+    _assert_placed(result["placement"], 12)
+    _assert_placed(built[mesh]["lora_placement"], 12)  # adapters are replicated
+    # Every device holds exactly its 1/fsdp of the model, and so does the compiled
+    # initialisation at its peak: its outputs plus temporaries (random bits) came to 2.0 times
+    # the shards; one device building the whole model would need fsdp times that.
+    share = result["total_bytes"] / fsdp
+    assert sorted(set(result["device_bytes"].values())) == [share]
+    assert len(result["device_bytes"]) == 8
+    assert result["init_peak_bytes"] <= 2.5 * share
+
+
+@pytest.mark.parametrize("mesh", MESH_NAMES)
+def test_sharded_random_model_matches_one_device(built, mesh):
+    result = built[mesh]
+    assert result["random"]["mesh_difference"] == 0.0  # the same jitted init on a 1x1 mesh
+    assert result["random"]["eager_difference"] <= BUILD_TOLERANCE
+    assert result["random"]["loss_difference"] <= BUILD_TOLERANCE
+    assert result["lora_difference"] <= BUILD_TOLERANCE
+
+
+@pytest.mark.parametrize("mesh", MESH_NAMES)
+def test_training_state_is_created_sharded(built, mesh):
+    result, fsdp = built[mesh]["random"], built[mesh]["fsdp"]
+    for moments in result["moment_placement"]:  # Adam's mu and nu follow their parameters
+        _assert_placed(moments, 12)
+    # Everything but the step, RNG key and Adam's count (replicated scalars) is 1/fsdp.
+    share = result["state_bytes"] / fsdp
+    for held in result["state_device_bytes"].values():
+        assert share <= held <= share + 64
+
+
+@pytest.mark.parametrize("mesh", MESH_NAMES)
+def test_checkpoint_is_loaded_sharded(built, mesh):
+    result, fsdp = built[mesh]["hf"], built[mesh]["fsdp"]
+    _assert_placed(result["placement"], 12)
+    assert result["lora_specs"] == ["P()"]
+    assert result["difference"] == 0.0  # the same values as loaded on one device
+    # Sampled at every tensor read and at the end: no device ever held more than its shards.
+    peaks = result["load_peak_device_bytes"]
+    assert len(peaks) == 8
+    assert max(peaks.values()) == result["load_total_bytes"] / fsdp
 
 
 def test_checkpoints_restore_across_meshes(tmp_path):

@@ -3,7 +3,9 @@
 The model is first built abstractly (`nnx.eval_shape`, no memory), then each parameter is filled
 from the checkpoint one at a time: per-layer tensors are stacked into one host buffer for the [L]
 axis, moved to the device, and the buffer freed. Peak host memory is one stacked parameter
-(about 2.9 GB for Llama-2-7B's MLP in bf16), not the model.
+(about 2.9 GB for Llama-2-7B's MLP in bf16), not the model. Under a mesh each buffer goes
+straight onto its sharding (`lemo_jax.train.sharding`): every device receives only its own
+shards, so no device ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from lemo_jax.configs.model import DTYPES, LoraConfig, ModelConfig, RopeConfig
 from lemo_jax.errors import UserError
@@ -22,6 +25,7 @@ from lemo_jax.io.hf_config import model_config_from_hf
 from lemo_jax.io.hf_names import hf_tensors_for
 from lemo_jax.io.sources import TensorReader, load_hf_config, open_tensors, resolve_source
 from lemo_jax.model.llama import Llama
+from lemo_jax.train.sharding import global_array, tree_shardings
 
 
 def load_pretrained(
@@ -34,6 +38,7 @@ def load_pretrained(
     attention_backend: str = "auto",
     max_position_embeddings: int | None = None,
     seed: int = 0,
+    mesh: Mesh | None = None,
 ) -> Llama:
     """Loads a Llama-family model from a Hugging Face directory, a .gguf file or a built-in name.
 
@@ -44,6 +49,8 @@ def load_pretrained(
       lora: adapters to add (freshly initialised, so the output is unchanged).
       rope: replaces the checkpoint's RoPE settings (e.g. linear interpolation for longer context).
       seed: seeds the LoRA initialisation.
+      mesh: places every parameter on its sharding under this mesh as it is read (on the
+        default device without one).
     """
     source = resolve_source(path_or_name)
     hf_config = load_hf_config(source)
@@ -55,8 +62,9 @@ def load_pretrained(
     if max_position_embeddings is not None:
         overrides["max_position_embeddings"] = max_position_embeddings
     config = model_config_from_hf(hf_config, **overrides)
+    reader = open_tensors(source, hf_config)
     return build_from_tensors(
-        config, open_tensors(source, hf_config), lora=lora, seed=seed, origin=str(path_or_name)
+        config, reader, lora=lora, seed=seed, origin=str(path_or_name), mesh=mesh
     )
 
 
@@ -66,18 +74,30 @@ def pretrained_config(path_or_name: str | Path) -> ModelConfig:
 
 
 def build_from_tensors(
-    config: ModelConfig, reader: TensorReader, *, lora: LoraConfig | None, seed: int, origin: str
+    config: ModelConfig,
+    reader: TensorReader,
+    *,
+    lora: LoraConfig | None,
+    seed: int,
+    origin: str,
+    mesh: Mesh | None = None,
 ) -> Llama:
-    """A `Llama` whose base weights come from `reader` and whose LoRA weights are fresh."""
+    """A `Llama` whose base weights come from `reader` and whose LoRA weights are fresh; with
+    `mesh`, each weight is placed on its sharding as it is read."""
     abstract = nnx.eval_shape(lambda: Llama(config, lora=lora, rngs=nnx.Rngs(seed)))
     graphdef, lora_state, base_state = nnx.split(abstract, nnx.LoRAParam, nnx.Param)
+    shardings = {}
+    if mesh is not None:
+        shardings = dict(nnx.to_flat_state(tree_shardings(base_state, mesh)))
     available = reader.names()
     for path, variable in nnx.to_flat_state(base_state):
-        names = [str(p) for p in path]
+        names = tuple(str(p) for p in path)
+        sharding = shardings[path].get_value() if mesh is not None else None
+        target = variable.get_value()
         variable.set_value(
-            _read_parameter(reader, available, tuple(names), variable.get_value(), config, origin)
+            _read_parameter(reader, available, names, target, config, origin, sharding)
         )
-    lora_state = _init_lora(config, lora, seed) if lora is not None else lora_state
+    lora_state = _init_lora(config, lora, seed, mesh) if lora is not None else lora_state
     return nnx.merge(graphdef, lora_state, base_state)
 
 
@@ -88,6 +108,7 @@ def _read_parameter(
     target: jax.ShapeDtypeStruct,
     config: ModelConfig,
     origin: str,
+    sharding: NamedSharding | None,
 ) -> jax.Array:
     tensors = hf_tensors_for(path, config.num_layers)
     np_dtype = np.dtype(DTYPES[config.param_dtype])
@@ -109,17 +130,20 @@ def _read_parameter(
             buffer[index] = value
         else:
             buffer[...] = value
-    return jnp.asarray(buffer)
+    if sharding is None:
+        return jnp.asarray(buffer)
+    return global_array(buffer, sharding)  # each device receives only its shard
 
 
-def _init_lora(config: ModelConfig, lora: LoraConfig, seed: int) -> nnx.State:
+def _init_lora(config: ModelConfig, lora: LoraConfig, seed: int, mesh: Mesh | None) -> nnx.State:
     # Jitting the full constructor and keeping only the adapters lets XLA drop the random base
     # weights, so no memory is spent on weights that the checkpoint replaces.
-    @jax.jit
     def init():
         return nnx.state(Llama(config, lora=lora, rngs=nnx.Rngs(seed)), nnx.LoRAParam)
 
-    return init()
+    if mesh is None:
+        return jax.jit(init)()
+    return jax.jit(init, out_shardings=tree_shardings(jax.eval_shape(init), mesh))()
 
 
 def load_tokenizer(path_or_name: str | Path):

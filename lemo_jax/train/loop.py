@@ -36,7 +36,13 @@ from lemo_jax.train.setup import (
     check_run_directory,
     write_run_config,
 )
-from lemo_jax.train.sharding import global_array, place, replicated, run_mesh, step_shardings
+from lemo_jax.train.sharding import (
+    global_array,
+    replicated,
+    run_mesh,
+    sharded_train_state,
+    step_shardings,
+)
 from lemo_jax.train.signals import StopRequest
 from lemo_jax.train.step import (
     StepShardings,
@@ -190,19 +196,29 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
     mesh = run_mesh(config.mesh, train.batch_size)
     show_progress = show_progress and jax.process_index() == 0
     lora = config.lora if train.method == "lora" else None
-    model, tokenizer = build_model(config.model, lora, seq_len=train.seq_len, seed=train.seed)
+    is_sharded = mesh.size > 1  # one device keeps the unsharded path
+    model, tokenizer = build_model(
+        config.model,
+        lora,
+        seq_len=train.seq_len,
+        seed=train.seed,
+        mesh=mesh if is_sharded else None,  # created on its shardings: never whole on a device
+    )
     attach_predictors(model, config.lemo)
     train_windows, validation_windows = prepare_data(
         config.data, tokenizer, train.seq_len, show_progress=show_progress
     )
     write_run_config(directory, config)
     optimizer, num_layers = make_optimizer(train), model.config.num_layers
-    graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
-    del model  # the state holds the arrays
     shardings = None
-    if mesh.size > 1:  # one device keeps the unsharded path
+    if is_sharded:  # checkpoints then restore onto this mesh
+        graphdef, state = sharded_train_state(
+            model, trainable_filter(lora), optimizer, train.seed, mesh
+        )
         shardings = step_shardings(state, mesh)
-        state = place(state, shardings.state)  # checkpoints then restore onto this mesh
+    else:
+        graphdef, state = init_state(model, trainable_filter(lora), optimizer, train.seed)
+    del model  # the state holds the arrays
     checkpoints = RunCheckpoints(directory / "checkpoints", keep=config.checkpoint.keep)
     plan, budgets = _elimination(config, num_layers, train.seq_len)
     session = _Session(

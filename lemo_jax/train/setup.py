@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh
 
 from lemo_jax.configs.model import LoraConfig, ModelConfig, RopeConfig
 from lemo_jax.configs.overrides import config_differences, config_from_dict, config_to_dict
@@ -19,6 +20,7 @@ from lemo_jax.io.load import load_pretrained, load_tokenizer, pretrained_config
 from lemo_jax.lemo.config import LemoConfig
 from lemo_jax.lemo.predictor import BlockScorePredictor, PredictorConfig, load_predictor
 from lemo_jax.model.llama import Llama
+from lemo_jax.train.sharding import build_sharded
 
 RUN_CONFIG_FILE = "run_config.json"
 # Fields that may change when a run is resumed: how long it runs and how it reports, not what
@@ -79,9 +81,16 @@ def model_config_for(section: ModelSection, *, seq_len: int) -> ModelConfig:
 
 
 def build_model(
-    section: ModelSection, lora: LoraConfig | None, *, seq_len: int, seed: int
+    section: ModelSection,
+    lora: LoraConfig | None,
+    *,
+    seq_len: int,
+    seed: int,
+    mesh: Mesh | None = None,
 ) -> tuple[Llama, object]:
-    """The model to fine-tune (LoRA adapters fresh) and its tokenizer."""
+    """The model to fine-tune (LoRA adapters fresh) and its tokenizer. With `mesh`, every
+    parameter is created (or loaded) straight onto its sharding, so the whole model never sits
+    on one device; random weights are the same under any mesh."""
     config = model_config_for(section, seq_len=seq_len)
     if section.init == "pretrained":
         model = load_pretrained(
@@ -93,9 +102,13 @@ def build_model(
             attention_backend=config.attention_backend,
             max_position_embeddings=config.max_position_embeddings,
             seed=seed,
+            mesh=mesh,
         )
         return model, load_tokenizer(section.path)
-    model = Llama(config, lora=lora, rngs=nnx.Rngs(seed))
+    if mesh is None:
+        model = Llama(config, lora=lora, rngs=nnx.Rngs(seed))
+    else:
+        model = build_sharded(lambda: Llama(config, lora=lora, rngs=nnx.Rngs(seed)), mesh)
     tokenizer = load_tokenizer(section.path) if section.path else _byte_tokenizer()
     if len(tokenizer) > config.vocab_size:
         raise UserError(

@@ -17,20 +17,27 @@ mesh axis does not divide is replicated instead of sharded.
 
 Axes are `Auto` (XLA's sharding propagation places the activations), not `Explicit`: the
 model's einsums would otherwise need explicit reshards (`../shared/docs/platform.md`).
+
+Under a mesh the model is created sharded: `build_sharded` runs the constructor in `jax.jit`
+with the rules' shardings as outputs, so each device computes and keeps only its shards and
+no device ever holds the whole model (which would bound the model size by one device). JAX's
+partitionable Threefry RNG makes the values independent of the mesh. `sharded_train_state`
+then adds the optimizer state, created in `jax.jit` on its parameters' shardings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lemo_jax.configs.run import MeshSection
 from lemo_jax.errors import UserError
-from lemo_jax.train.step import StepShardings
+from lemo_jax.train.step import StepShardings, TrainState, init_state
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -104,13 +111,62 @@ def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def place(tree, shardings):
-    """`tree`, which every process holds whole and identical (built from the same seed or
-    checkpoint), moved onto `shardings`."""
-    if jax.process_count() == 1:
-        return jax.device_put(tree, shardings)
-    return jax.tree.map(
-        lambda leaf, sharding: global_array(np.asarray(leaf), sharding), tree, shardings
-    )
+    """`tree` moved onto `shardings`. Arrays already there stay as they are; every other leaf
+    must be held whole and identical by every process (built from the same seed or file)."""
+
+    def put(leaf, sharding):
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+            return leaf
+        if jax.process_count() == 1:
+            return jax.device_put(leaf, sharding)
+        return global_array(np.asarray(leaf), sharding)
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def sharded_init(
+    constructor: Callable[[], nnx.Module], mesh: Mesh
+) -> tuple[nnx.GraphDef, Callable[[], nnx.State]]:
+    """`(graphdef, create)`: the jitted `create()` runs `constructor` and returns the module's
+    variables on their shardings under `mesh` (`tree_shardings`). XLA partitions the random
+    initialisation along with its outputs, so a device computes only its own shards; the
+    compiled `create` (`create.lower().compile()`) reports that memory per device."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(constructor))
+    create = jax.jit(lambda: nnx.state(constructor()), out_shardings=tree_shardings(abstract, mesh))
+    return graphdef, create
+
+
+def build_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+    """`constructor()`, with every variable created directly on its sharding under `mesh`."""
+    graphdef, create = sharded_init(constructor, mesh)
+    return nnx.merge(graphdef, create())
+
+
+def sharded_train_state(
+    model: nnx.Module,
+    trainable_filter: nnx.filterlib.Filter,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    mesh: Mesh,
+) -> tuple[nnx.GraphDef, TrainState]:
+    """`init_state` on `mesh`, consuming `model` (its arrays are donated to the state).
+
+    Parameters built sharded (`build_sharded`, `load_pretrained(mesh=...)`) stay where they
+    are; anything else on the model (e.g. predictors attached afterwards) is placed first. The
+    optimizer state is created in `jax.jit` directly on its parameters' shardings, never
+    replicated first, and donation moves the parameters into the state without a copy.
+    """
+    graphdef, _, _ = nnx.split(model, trainable_filter, ...)
+    model_graphdef, variables = nnx.split(model)
+    variables = place(variables, tree_shardings(variables, mesh))
+
+    def init(variables: nnx.State) -> TrainState:
+        model = nnx.merge(model_graphdef, variables)
+        return init_state(model, trainable_filter, optimizer, seed)[1]
+
+    shardings = tree_shardings(jax.eval_shape(init, variables), mesh)
+    state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(variables)
+    return graphdef, state
 
 
 def run_mesh(section: MeshSection, batch_size: int) -> Mesh:
