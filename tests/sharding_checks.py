@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -45,6 +46,19 @@ LEMO = LemoConfig(
     enabled=True, block_size=16, schedule="uniform:0.5", bucket_blocks=1, kernels="xla"
 )
 MESHES = {"2x4": MeshSection(data="2", fsdp="4"), "8x1": MeshSection(data="8", fsdp="1")}
+# A collective in compiled HLO text: `%name = SHAPE all-gather(...` (or all-gather-start, ...).
+COLLECTIVE = re.compile(
+    r"=\s*(.+?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\("
+)
+
+
+def collectives(hlo_text: str) -> list[list[str]]:
+    """The distinct (kind, result shape) of every collective in a compiled program."""
+    found = {
+        (kind, re.sub(r"\{[^}]*\}", "", shape)) for shape, kind in COLLECTIVE.findall(hlo_text)
+    }
+    return sorted([kind, shape] for kind, shape in found)
 
 
 def _train_section(method: str) -> TrainSection:
@@ -82,26 +96,34 @@ def _relative(actual, expected) -> float:
     return worst
 
 
-def _one_step(method: str, use_lemo: bool, mesh_section: MeshSection | None) -> dict:
-    """Gradients and loss, on one device or on the given mesh; without LeMo also the metrics
-    and state after one optimizer step (with LeMo the step adds nothing but compile time)."""
+def _one_step(
+    method: str, use_lemo: bool, mesh_section: MeshSection | None, kernels: str = "xla"
+) -> dict:
+    """Gradients and loss, on one device or on the given mesh (with the compiled gradient
+    step's collectives); without LeMo also the metrics and state after one optimizer step
+    (with LeMo the step adds nothing but compile time). `kernels`: LeMo's ops, "xla" or
+    "pallas" (interpreted on a CPU)."""
     train = _train_section(method)
     graphdef, state, optimizer = _state(method)
-    plan = elimination_plan(LEMO, CONFIG.num_layers, SEQ_LEN) if use_lemo else None
-    gradients = make_gradient_fn(graphdef, train, use_dropout=False, plan=plan)
+    lemo = dataclasses.replace(LEMO, kernels=kernels)
+    plan = elimination_plan(lemo, CONFIG.num_layers, SEQ_LEN) if use_lemo else None
     batch = _batch()
     shardings = None
     if mesh_section is None:
+        gradients = make_gradient_fn(graphdef, train, use_dropout=False, plan=plan)
         state_in, batch_in = state, jnp.asarray(batch)
         gradient_step = jax.jit(gradients)
     else:
         mesh = make_mesh(mesh_section)
+        gradients = make_gradient_fn(graphdef, train, use_dropout=False, plan=plan, mesh=mesh)
         shardings = step_shardings(state, mesh)
         state_in = jax.device_put(state, shardings.state)
         batch_in = global_array(batch, shardings.batch)
         gradient_step = jax.jit(gradients, in_shardings=(shardings.state, shardings.batch))
-    grads, total, count = gradient_step(state_in, batch_in)
+    compiled = gradient_step.lower(state_in, batch_in).compile()
+    grads, total, count = compiled(state_in, batch_in)
     result = dict(grads=grads, loss=total / count, plan=plan is not None, state=state_in)
+    result["collectives"] = collectives(compiled.as_text())
     if use_lemo:
         return result
     step = make_train_step(
@@ -120,15 +142,19 @@ def _one_step(method: str, use_lemo: bool, mesh_section: MeshSection | None) -> 
 def equivalence(out: Path) -> None:
     results = {}
     # LeMo under full fine-tuning only: its sharded trainables are the harder case, and each
-    # case costs three compilations on a 2-core CPU.
-    for method, use_lemo in (("lora", False), ("full", False), ("full", True)):
-        reference = _one_step(method, use_lemo, None)
+    # case costs three compilations on a 2-core CPU. LeMo with the Pallas kernels (interpreted)
+    # runs them under shard_map (`on_each_device`), as on GPUs.
+    cases = (("lora", False, "xla"), ("full", False, "xla"), ("full", True, "xla"))
+    cases += (("full", True, "pallas"),)
+    for method, use_lemo, kernels in cases:
+        reference = _one_step(method, use_lemo, None, kernels)
         for mesh_name, section in MESHES.items():
-            sharded = _one_step(method, use_lemo, section)
+            sharded = _one_step(method, use_lemo, section, kernels)
             result = dict(
                 uses_lemo=sharded["plan"],
                 loss=_relative(sharded["loss"], reference["loss"]),
                 gradients=_relative(sharded["grads"], reference["grads"]),
+                collectives=sharded["collectives"],
                 **_placement(sharded["state"], method),
             )
             if "metrics" in sharded:
@@ -138,7 +164,8 @@ def equivalence(out: Path) -> None:
                 result["updated_state"] = _relative(
                     sharded["state"].trainable, reference["state"].trainable
                 )
-            results[f"{method}{'+lemo' if use_lemo else ''} {mesh_name}"] = result
+            name = method + ("" if not use_lemo else "+lemo" if kernels == "xla" else "+pallas")
+            results[f"{name} {mesh_name}"] = result
     out.write_text(json.dumps(results, indent=1))
 
 

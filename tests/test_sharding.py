@@ -93,13 +93,14 @@ def equivalence(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
-CASES = [f"{method} {mesh}" for method in ("lora", "full", "full+lemo") for mesh in ("2x4", "8x1")]
+METHODS = ("lora", "full", "full+lemo", "full+pallas")  # +pallas: LeMo's Pallas kernels
+CASES = [f"{method} {mesh}" for method in METHODS for mesh in ("2x4", "8x1")]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_step_matches_one_device(equivalence, case):
     result = equivalence[case]
-    assert result["uses_lemo"] == ("lemo" in case)
+    assert result["uses_lemo"] == ("lemo" in case or "pallas" in case)
     for name in ("loss", "gradients", "step_loss", "grad_norm", "updated_state"):
         if name in result:  # LeMo cases compare loss and gradients only
             assert result[name] <= TOLERANCE, (name, result[name])
@@ -113,6 +114,21 @@ def test_sharded_step_matches_one_device(equivalence, case):
         assert result["moment_spec"] == result["kernel_spec"]
     else:  # adapters are replicated
         assert result["lora_a_spec"] == "P()"
+
+
+@pytest.mark.parametrize("lemo", ["full+lemo", "full+pallas"])
+@pytest.mark.parametrize("mesh", ["2x4", "8x1"])
+def test_token_elimination_adds_no_communication(equivalence, lemo, mesh):
+    """Elimination is per sequence: the LeMo step's collectives are the dense step's (the
+    compiled programs' distinct collective kinds and shapes), with the XLA ops and with the
+    Pallas kernels (which XLA cannot partition: they run under shard_map). Data parallelism
+    alone (8x1) communicates only gradient all-reduces."""
+    dense = {tuple(entry) for entry in equivalence[f"full {mesh}"]["collectives"]}
+    with_lemo = {tuple(entry) for entry in equivalence[f"{lemo} {mesh}"]["collectives"]}
+    assert with_lemo <= dense, sorted(with_lemo - dense)
+    if mesh == "8x1":
+        assert with_lemo == dense
+        assert {kind for kind, _ in dense} == {"all-reduce"}
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,10 @@ in that layer. A token-sparse MLP does the same with per-token scores.
 Only compacted [B, R, ...] tensors and int32 indices depend on the budget; the selection itself is
 computed outside the layer's remat region, so the backward pass neither stores nor recomputes
 the full-length scoring tensors.
+
+Elimination is per sequence, so on a mesh (a batch split over devices) it needs no
+communication: the selection and the row ops run on each device's own sequences
+(`lemo_jax.model.batch_parallel.on_each_device`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from lemo_jax.model.batch_parallel import on_each_device
 from pallas_kernels import block_scores, gather_rmsnorm
 from pallas_kernels import scatter_add_rows as _scatter_add_rows
 
@@ -67,20 +72,26 @@ def scatter_add_rows(
 ) -> Float[Array, "B T D"]:
     """h[b, token_ids[b, r]] += rows[b, r] (in place with the Pallas kernel); indices are
     unique, so the add is exact."""
-    return _scatter_add_rows(h, token_ids, rows, impl=_impl(kernels, h.shape[-1]))
+    impl = _impl(kernels, h.shape[-1])
+    return on_each_device(
+        lambda h, token_ids, rows: _scatter_add_rows(h, token_ids, rows, impl=impl),
+        h,
+        token_ids,
+        rows,
+    )
 
 
 def selective_load(norm, h: Float[Array, "B T D"], token_ids: Int[Array, "B R"], kernels: str):
     """`norm` (an RMSNorm) applied to the kept rows of h only, gathered and normalised in one
     pass (paper section 4.4)."""
-    return gather_rmsnorm(
-        h,
-        token_ids,
-        norm.scale[...],
-        eps=norm.eps,
-        out_dtype=norm.compute_dtype,
-        impl=_impl(kernels, h.shape[-1]),
-    )
+    impl = _impl(kernels, h.shape[-1])
+
+    def load(h, token_ids, scale):
+        return gather_rmsnorm(
+            h, token_ids, scale, eps=norm.eps, out_dtype=norm.compute_dtype, impl=impl
+        )
+
+    return on_each_device(load, h, token_ids, shared=(norm.scale[...],))
 
 
 def _impl(kernels: str, dim: int) -> str:
@@ -98,9 +109,17 @@ def top_blocks(scores: Float[Array, "B M"], num_kept: int, keep_first: int) -> I
     """The `num_kept` highest-scoring blocks in original order; the first `keep_first` blocks
     always stay (the sequence start acts as an attention sink for every later query)."""
     forced = jnp.arange(scores.shape[-1]) < keep_first
-    scores = jnp.where(forced, jnp.inf, scores)
-    _, block_ids = jax.lax.top_k(scores, num_kept)
-    return jnp.sort(block_ids, axis=-1).astype(jnp.int32)
+    return sorted_top_k(jnp.where(forced, jnp.inf, scores), num_kept)
+
+
+def sorted_top_k(scores: Float[Array, "B M"], num_kept: int) -> Int[Array, "B K"]:
+    """The indices of the `num_kept` largest scores per row, in increasing order (int32)."""
+
+    def select(scores):
+        _, ids = jax.lax.top_k(scores, num_kept)
+        return jnp.sort(ids, axis=-1).astype(jnp.int32)
+
+    return on_each_device(select, scores)
 
 
 def attention_token_ids(
@@ -123,14 +142,18 @@ def attention_token_ids(
         scores = jax.lax.stop_gradient(predictor(index, x))
     else:
         query, key = layer.attention.rotated_query_key(x, cos, sin)
-        scores = block_scores(  # [B, M]
+        scores = on_each_device(  # [B, M]
+            lambda query, key: block_scores(
+                query,
+                key,
+                block_size=plan.block_size,
+                causal=True,
+                impl=plan.kernels,
+                tiles=SCORE_TILES if plan.kernels == "pallas" else (1, 1),
+                splits=None,  # the Pallas kernel splits query ranges to fill the device
+            ),
             query,
             key,
-            block_size=plan.block_size,
-            causal=True,
-            impl=plan.kernels,
-            tiles=SCORE_TILES if plan.kernels == "pallas" else (1, 1),
-            splits=None,  # the Pallas kernel splits query ranges to fill the device
         )
     if plan.score_reduction == "mean":  # block n is seen by query blocks n .. M-1
         num_blocks_total = scores.shape[-1]
@@ -177,7 +200,6 @@ def token_sparse_mlp(
     trained predictor's [B, T] scores, paper section 4.3), added back at their rows."""
     x = layer.mlp_norm(jax.lax.stop_gradient(h))
     magnitude = token_magnitudes(mlp_intermediate(layer.mlp, x)) if scorer is None else scorer(x)
-    _, token_ids = jax.lax.top_k(jax.lax.stop_gradient(magnitude), num_tokens)
-    token_ids = jnp.sort(token_ids, axis=-1).astype(jnp.int32)
+    token_ids = sorted_top_k(jax.lax.stop_gradient(magnitude), num_tokens)
     out = layer.mlp(selective_load(layer.mlp_norm, h, token_ids, kernels), keys)
     return scatter_add_rows(h, token_ids, out, kernels)

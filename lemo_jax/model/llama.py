@@ -24,6 +24,7 @@ from lemo_jax.lemo.layer import (
     token_sparse_mlp,
 )
 from lemo_jax.model.attention import causal_attention, resolve_backend
+from lemo_jax.model.batch_parallel import constrain_to_batch
 from lemo_jax.model.layers import Embedding, Linear, RMSNorm, stacked_at
 from lemo_jax.model.remat import checkpoint_name, remat
 from lemo_jax.model.rope import apply_rotary, rotary_angles
@@ -297,12 +298,13 @@ class Llama(nnx.Module):
 
         def body(h, xs):
             index, key = xs
+            h = constrain_to_batch(h)  # FSDP: gather weights, never split activations on D
             token_ids = None
             if group.attention_blocks is not None:
                 token_ids = self.select_attention_tokens(
                     h, cos, sin, index, num_blocks=group.attention_blocks, plan=plan
                 )
-            return update(h, index, key, token_ids), token_ids
+            return constrain_to_batch(update(h, index, key, token_ids)), token_ids
 
         indices = jnp.arange(group.start, group.stop)
         keys = None if layer_keys is None else layer_keys[group.start : group.stop]
@@ -314,7 +316,8 @@ class Llama(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rotary_angles(self.config.rope, self.config.head_dim, positions)
-        h = self.embedding(input_ids)
+        cos, sin = constrain_to_batch(cos), constrain_to_batch(sin)
+        h = constrain_to_batch(self.embedding(input_ids))
         layer_keys = (
             None if dropout_key is None else jax.random.split(dropout_key, self.config.num_layers)
         )

@@ -69,9 +69,12 @@ def make_gradient_fn(
     *,
     use_dropout: bool,
     plan: EliminationPlan | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ):
     """`gradients(state, batch [A, B, T]) -> (grads, loss sum, token count)`, unjitted: the
-    gradient of the mean token loss over the A accumulated micro-batches."""
+    gradient of the mean token loss over the A accumulated micro-batches. With `mesh` (the
+    batch's), it traces under that abstract mesh, where LeMo's per-sequence ops run on each
+    device's own sequences (`lemo_jax.lemo.layer.on_each_device`)."""
 
     def loss_sum(trainable, frozen, token_ids, key):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -87,6 +90,12 @@ def make_gradient_fn(
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
     def gradients(state: TrainState, batch: jax.Array):
+        if mesh is None:
+            return accumulated(state, batch)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return accumulated(state, batch)
+
+    def accumulated(state: TrainState, batch: jax.Array):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         keys = jax.random.split(step_key, batch.shape[0])
 
@@ -118,7 +127,8 @@ def make_train_step(
     token elimination per layer group. With `shardings`, the step is compiled for that mesh
     (state in and out with the same shardings, so donation reuses the buffers); without, it
     runs where its inputs are (one device)."""
-    gradients = make_gradient_fn(graphdef, train, use_dropout=use_dropout, plan=plan)
+    mesh = None if shardings is None else shardings.batch.mesh
+    gradients = make_gradient_fn(graphdef, train, use_dropout=use_dropout, plan=plan, mesh=mesh)
 
     def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict]:
         grads, total, count = gradients(state, batch)
