@@ -197,39 +197,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, tokenizer = build_model(config.model, None, seq_len=seq_len, seed=config.train.seed)
     windows, indices = sample_windows(config, tokenizer, args.samples)
     if args.max_loss_rise is not None:
-        ratios, measured = loss_bounded_ratios(config, model, windows, args)
-        _check_new_file(args.out)
-        source = dict(
-            method="lemo_jax.lemo.calibrate.loss_bounded_keep_ratios",
-            config=config.name,
-            overrides=list(args.overrides),
-            model=config.model.path or f"random {config.model.preset}",
-            data=config.data.train,
-            validation_windows=indices,
-            samples=len(indices),
-            seq_len=seq_len,
-            block_size=block_size,
-            dense_end_layers=not args.sparse_end_layers,
-            **measured,
+        ratios, method_fields = loss_bounded_ratios(config, model, windows, args)
+        method = "lemo_jax.lemo.calibrate.loss_bounded_keep_ratios"
+    else:
+        # One window at a time: memory of a single long sequence, one compiled shape.
+        scores = np.concatenate(
+            [layer_block_scores(model, window[None], block_size=block_size) for window in windows],
+            axis=1,
+        )  # [L, K, M]
+        ratios = calibrated_keep_ratios(
+            scores,
+            tau=args.tau,
+            outlier_quantile=OUTLIER_QUANTILE,
+            use_dense_end_layers=not args.sparse_end_layers,
         )
-        write_schedule_file(str(args.out), attention=ratios, source=source)
-        print_table(ratios, args.out, config)
-        print(f"wrote {args.out}: use --set lemo.schedule=file:{args.out}")
-        return
-    # One window at a time: memory of a single long sequence, one compiled shape.
-    scores = np.concatenate(
-        [layer_block_scores(model, window[None], block_size=block_size) for window in windows],
-        axis=1,
-    )  # [L, K, M]
-    ratios = calibrated_keep_ratios(
-        scores,
-        tau=args.tau,
-        outlier_quantile=OUTLIER_QUANTILE,
-        use_dense_end_layers=not args.sparse_end_layers,
-    )
+        method = "lemo_jax.lemo.calibrate"
+        method_fields = dict(tau=args.tau, outlier_quantile=OUTLIER_QUANTILE)
     _check_new_file(args.out)  # again: never overwrite a file created meanwhile
     source = dict(
-        method="lemo_jax.lemo.calibrate",
+        method=method,
         config=config.name,
         overrides=list(args.overrides),
         model=config.model.path or f"random {config.model.preset}",
@@ -238,9 +224,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         samples=len(indices),
         seq_len=seq_len,
         block_size=block_size,
-        tau=args.tau,
-        outlier_quantile=OUTLIER_QUANTILE,
         dense_end_layers=not args.sparse_end_layers,
+        **method_fields,
     )
     write_schedule_file(str(args.out), attention=ratios, source=source)
     print_table(ratios, args.out, config)
