@@ -6,6 +6,8 @@ import math
 import pytest
 from run_scripts import load_script, run_script
 
+from lemo_jax.errors import UserError
+
 TINY_LEMO = ["--set", "lemo.schedule=uniform:0.5", "--set", "lemo.block_size=16"]
 
 
@@ -111,6 +113,66 @@ def test_kernel_benchmark_reports_ceilings_and_fractions():
     row = lines[1]
     assert (row["op"], row["impl"], row["seq_len"]) == ("block_scores", "xla", 256)
     assert row["ms"] > 0 and row["fraction_of_ceiling"] > 0
+    assert row["timing"] == lines[0]["timing"] == "wall" and "device_ms" not in row  # CPU default
+    assert row["ms"] == row["wall_ms"]
+
+
+def test_kernel_benchmark_device_timing_and_row_kernel_variants():
+    """Device timing (on a CPU: the trace's host op events) for the ops and the ceilings alike,
+    wall times beside them; row-kernel tilings labelled by their resolved choices."""
+    result = run_script(
+        "bench_kernels.py",
+        *("--seq-lens", "256", "--ops", "selective_load,residual_add", "--impls", "xla,pallas"),
+        *("--repeats", "2", "--model-dim", "64", "--ceiling-size", "256", "--timing", "device"),
+        *("--row-tiles", "auto,4x2,auto"),  # the repeated default is measured once
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    ceilings, rows = lines[0], lines[1:]
+    assert ceilings["timing"] == "device"
+    assert ceilings["copy_tbps"] > 0 and ceilings["wall_copy_tbps"] > 0
+    # 256 tokens keep 2 of 4 blocks: R = 128 rows of D = 64, all in one default program.
+    assert [(row["op"], row["impl"]) for row in rows] == [
+        (op, impl)
+        for op in ("selective_load", "residual_add")
+        for impl in ("xla", "pallas", "pallas:4x2/w4/st2")
+    ]
+    for row in rows:
+        assert row["timing"] == "device" and row["time_source"] == "host"
+        assert row["ms"] == row["device_ms"] > 0 and row["wall_ms"] > 0
+        assert row["fraction_of_ceiling"] == pytest.approx(row["rate"] / ceilings["copy_tbps"])
+        assert row["wall_fraction_of_ceiling"] > 0 and row["kernels_ms"]
+        # Each Pallas variant's output checked against XLA's (bf16: one addition is exact).
+        if row["impl"] == "xla":
+            assert "error_vs_xla" not in row
+        elif row["op"] == "residual_add":
+            assert row["error_vs_xla"] == 0
+        else:
+            assert row["error_vs_xla"] < 1e-2
+    assert "device ms" in result.stdout and "vs xla" in result.stdout
+
+
+def test_kernel_benchmark_flags_fail_in_one_line_and_the_budget_skips(capsys):
+    bench = load_script("bench_kernels")
+    for argv, match in [
+        (["--timing", "gpu"], "--timing must be one of device, wall"),
+        (["--repeats", "x"], "argument --repeats: invalid int value"),
+        (["--row-tiles", "3x2"], "rows_per_step must be a power of two"),
+        (["--row-tiles", "4x32", "--seq-lens", "32768"], "must divide the R = 13120 rows"),
+        (["--score-schedule", "tiles,spiral"], "--score-schedule: unknown"),
+        (["--score-warps", "6"], "--score-warps expects powers of two"),
+        (["--impls", "triton"], "--impls: unknown"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            bench.main(argv)
+    tiny = ["--seq-lens", "256", "--ops", "selective_load", "--model-dim", "64", "--repeats", "1"]
+    bench.main([*tiny, "--ceiling-size", "64", "--budget-s", "1e-9"])
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")][1:]
+    assert rows == [
+        dict(op="selective_load", impl="xla", seq_len=256, skipped="--budget-s 1e-09 spent")
+    ]
+    assert "skipped: --budget-s" in out
 
 
 def test_kernel_benchmark_labels_block_score_tiles_and_splits():
