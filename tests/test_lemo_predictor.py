@@ -12,22 +12,31 @@ from flax import nnx
 from run_scripts import run_script
 
 from lemo_jax.configs import get_model_config
+from lemo_jax.configs.model import LoraConfig
 from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.configs.runs import get_run_config
 from lemo_jax.data.pipeline import prepare_data
 from lemo_jax.errors import UserError
 from lemo_jax.lemo.budgets import layer_budgets
-from lemo_jax.lemo.layer import token_sparse_mlp, top_blocks
+from lemo_jax.lemo.layer import EliminationPlan, GroupPlan, token_sparse_mlp, top_blocks
 from lemo_jax.lemo.predictor import (
     BlockScorePredictor,
     PredictorConfig,
     block_chunks,
+    head_block_scores,
     load_predictor,
     save_predictor,
 )
-from lemo_jax.lemo.predictor_training import layer_recall, oracle_batch
+from lemo_jax.lemo.predictor_training import (
+    layer_recall,
+    oracle_batch,
+    select_heads,
+    train_predictors,
+)
 from lemo_jax.model.llama import PROJECTIONS, Llama
+from lemo_jax.model.rope import rotary_angles
 from lemo_jax.train.setup import build_model, predictor_config_for
+from pallas_kernels import block_scores
 
 CONFIG = PredictorConfig(num_layers=3, model_dim=32, chunk_dim=8, block_size=16, rank=4)
 
@@ -275,3 +284,122 @@ def test_token_sparse_mlp_keeps_the_scorers_top_tokens():
     out = token_sparse_mlp(layer, h, 16, keys, scorer=scorer)
     np.testing.assert_array_equal(out[:, :48], h[:, :48])  # not chosen: passed through
     assert np.all(np.any(out[:, 48:] != h[:, 48:], axis=-1))  # each chosen row updated
+
+
+# The `heads` predictors: the oracle over a few chosen heads, from the model's own projections.
+
+
+def _tiny_attention(length=128, lora=None):
+    """A tiny model's layer-0 attention with a random normalised input and its RoPE tables."""
+    config = get_model_config("tiny")
+    model = Llama(config, lora=lora, rngs=nnx.Rngs(0))
+    positions = jnp.broadcast_to(jnp.arange(length), (2, length))
+    cos, sin = rotary_angles(config.rope, config.head_dim, positions)
+    x = jax.random.normal(jax.random.key(2), (2, length, config.model_dim))
+    heads_config = PredictorConfig(
+        num_layers=config.num_layers,
+        model_dim=config.model_dim,
+        chunk_dim=config.head_dim,
+        block_size=16,
+        architecture="heads",
+        heads=2,
+    )
+    return model, x, cos, sin, heads_config
+
+
+def test_heads_scores_shape_causality_and_the_oracle_over_all_heads():
+    model, x, cos, sin, config = _tiny_attention()
+    attention = model.layer(1).attention
+    predictor = BlockScorePredictor(config, nnx.Rngs(0))
+    scores = predictor(1, x, attention, cos, sin)
+    assert scores.shape == (2, 8) and scores.dtype == jnp.float32
+    changed = x.at[:, 5 * 16 : 6 * 16].add(3.0)  # only key blocks <= 5 can see block 5
+    new_scores = predictor(1, changed, attention, cos, sin)
+    np.testing.assert_array_equal(new_scores[:, 6:], scores[:, 6:])
+    assert not np.allclose(new_scores[:, :6], scores[:, :6])
+    # Over all heads it is the oracle itself; over two, the oracle of those heads' q and k.
+    query, key = attention.rotated_query_key(x, cos, sin)
+    num_heads = query.shape[2]
+    everything = head_block_scores(attention, x, cos, sin, jnp.arange(num_heads), 16)
+    np.testing.assert_allclose(everything, block_scores(query, key, block_size=16), rtol=1e-5)
+    group = num_heads // key.shape[2]
+    heads = jnp.array([0, num_heads - 1])
+    expected = block_scores(query[:, :, heads], key[:, :, heads // group], block_size=16)
+    np.testing.assert_allclose(
+        head_block_scores(attention, x, cos, sin, heads, 16), expected, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="read the layer's own q / k weights"):
+        predictor(1, x)
+
+
+def test_heads_read_the_lora_adapted_projections():
+    model, x, cos, sin, _ = _tiny_attention(lora=LoraConfig(rank=2, alpha=4.0))
+    attention = model.layer(0).attention
+    attention.q_proj.lora_b.set_value(jnp.ones_like(attention.q_proj.lora_b[...]))
+    query, key = attention.rotated_query_key(x, cos, sin)
+    heads = jnp.array([1])
+    group = query.shape[2] // key.shape[2]
+    expected = block_scores(query[:, :, heads], key[:, :, heads // group], block_size=16)
+    actual = head_block_scores(attention, x, cos, sin, heads, 16)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5)
+
+
+def test_heads_save_load_round_trip_and_selection(tmp_path):
+    model, x, cos, sin, config = _tiny_attention()
+    predictor = BlockScorePredictor(config, nnx.Rngs(0))
+    head_recall = jnp.array([[0.1, 0.9, 0.5, 0.7]] * config.num_layers)[:, : model.config.num_heads]
+    chosen = select_heads(head_recall, 2)
+    assert chosen.dtype == jnp.int32 and chosen.shape == (config.num_layers, 2)
+    np.testing.assert_array_equal(chosen[0], np.sort(np.argsort(-head_recall[0])[:2]))
+    predictor.layers.heads.set_value(chosen)
+    save_predictor(predictor, tmp_path / "heads")
+    # The selection keeps its own head count whatever lemo.predictor_heads says now.
+    loaded = load_predictor(tmp_path / "heads", expected=dataclasses.replace(config, heads=3))
+    assert loaded.config == config
+    np.testing.assert_array_equal(loaded.layers.heads[...], chosen)
+    attention = model.layer(0).attention
+    np.testing.assert_array_equal(
+        loaded(0, x, attention, cos, sin), predictor(0, x, attention, cos, sin)
+    )
+
+
+def test_heads_selected_on_training_windows_beat_a_random_scorer(tmp_path):
+    config = apply_overrides(
+        get_run_config("tiny"),
+        [a for a in TINY_ARGS[3::2]]
+        + ["lemo.predictor_architecture=heads", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
+    result = train_predictors(
+        config, out=tmp_path / "heads", steps=2, eval_batches=1, show_progress=False
+    )
+    model, tokenizer = build_model(config.model, None, seq_len=512, seed=config.train.seed)
+    _, validation = prepare_data(config.data, tokenizer, 512)
+    budgets = layer_budgets(config.lemo, model.config.num_layers, 512)
+    batch = oracle_batch(model, jnp.asarray(validation.batch([0])), block_size=16, kernels="xla")
+    random_recall = _random_scorer_recall(budgets, batch, config.lemo.keep_first_blocks)
+    assert set(result.recall) == {0, 1}
+    assert result.mean_recall > random_recall + 0.2, (result.recall, random_recall)
+    loaded = load_predictor(
+        tmp_path / "heads", expected=predictor_config_for(model.config, config.lemo)
+    )
+    again = layer_recall(loaded, batch, budgets, config.lemo.keep_first_blocks, model)
+    assert again == pytest.approx(result.recall, abs=1e-6)
+
+
+def test_heads_over_all_heads_select_the_oracles_tokens_in_the_model():
+    """Through the model's own selection (`Llama.select_attention_tokens`, the training step's
+    path): `heads` predictors holding every head keep exactly the oracle's blocks."""
+    model, _, cos, sin, config = _tiny_attention()
+    num_heads = model.config.num_heads
+    predictor = BlockScorePredictor(dataclasses.replace(config, heads=num_heads), nnx.Rngs(0))
+    predictor.layers.heads.set_value(
+        jnp.broadcast_to(jnp.arange(num_heads, dtype=jnp.int32), (config.num_layers, num_heads))
+    )
+    model.block_predictor = predictor
+    h = jax.random.normal(jax.random.key(3), (2, 128, model.config.model_dim))
+    plan = EliminationPlan(block_size=16, groups=(GroupPlan(0, 2, 3),), scorer="oracle")
+    oracle = model.select_attention_tokens(h, cos, sin, 1, num_blocks=3, plan=plan)
+    predicted = model.select_attention_tokens(
+        h, cos, sin, 1, num_blocks=3, plan=dataclasses.replace(plan, scorer="predictor")
+    )
+    np.testing.assert_array_equal(predicted, oracle)

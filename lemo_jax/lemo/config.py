@@ -22,7 +22,7 @@ from lemo_jax.model.remat import REMAT_POLICIES
 SCHEDULE_FORMS = ("paper_e2e", "paper_table", "uniform:RATIO", "file:PATH")
 MLP_MODES = ("dense", "token_sparse")
 SCORERS = ("oracle", "predictor")
-PREDICTOR_ARCHITECTURES = ("pooled", "chunks")
+PREDICTOR_ARCHITECTURES = ("pooled", "chunks", "heads")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -105,8 +105,14 @@ class LemoConfig:
     predictor_path: str | None = None
     # Predictor networks (lemo_jax.lemo.predictor): "pooled" (per-token low-rank projections
     # pooled over each block; the default: better recall at a third of the cost) or "chunks"
-    # (the paper artifact's head-dim chunks with each block's tokens concatenated).
+    # (the paper artifact's head-dim chunks with each block's tokens concatenated) or "heads"
+    # (no network: the oracle over a few query heads per layer chosen offline, from the layer's
+    # own frozen projections; see the predictor module).
     predictor_architecture: str = "pooled"
+    # Query heads per layer of the "heads" predictors: each costs about 1 / num_heads of the
+    # oracle scorer (estimated from shapes: 2 heads about 1% of a Llama-2-7B step at 64K, the
+    # oracle 11.5%). Read when training them; a saved selection keeps its own count.
+    predictor_heads: int = 2
     # The first blocks are always kept in attention (a token-sparse MLP selects single tokens
     # by their own activation and forces none): the first tokens
     # are attention sinks that take a large share of every later query's attention whatever
@@ -150,6 +156,10 @@ class LemoConfig:
             self.predictor_architecture in PREDICTOR_ARCHITECTURES,
             f"lemo.predictor_architecture={self.predictor_architecture!r} is not one of "
             f"{PREDICTOR_ARCHITECTURES}",
+        )
+        _check(
+            self.predictor_heads >= 1,
+            f"lemo.predictor_heads={self.predictor_heads} must be at least 1",
         )
         _check(
             self.scorer != "predictor" or bool(self.predictor_path),

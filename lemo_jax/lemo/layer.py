@@ -134,12 +134,12 @@ def attention_token_ids(
     index=None,
 ) -> Int[Array, "B R"]:
     """The kept token ids of one layer: top blocks by the oracle (paper eq. 2, from the layer's
-    own LoRA-adapted queries and keys) or by `predictor(index, x)` (paper section 4.3)."""
+    own LoRA-adapted queries and keys) or by the attached predictors (paper section 4.3)."""
     x = layer.attention_norm(jax.lax.stop_gradient(h))
     if plan.scorer == "predictor":
         if predictor is None:
             raise ValueError("plan.scorer='predictor' but the model has no predictors attached")
-        scores = jax.lax.stop_gradient(predictor(index, x))
+        scores = jax.lax.stop_gradient(predictor(index, x, layer.attention, cos, sin))
     else:
         query, key = layer.attention.rotated_query_key(x, cos, sin)
         scores = on_each_device(  # [B, M]

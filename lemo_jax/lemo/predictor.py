@@ -6,7 +6,7 @@ Per decoder layer, a Q and a K network read the layer's normalised input x [T, D
     P[m, n]  = q_hat[m] . k_hat[n]                            (query block m, key block n)
     score[n] = sum over query blocks m >= n of P[m, n]        (causal, column sum, as eq. 2)
 
-Two architectures (`PredictorConfig.architecture`):
+Three architectures (`PredictorConfig.architecture`); the first two are trained networks:
 
 - `chunks`, the paper artifact's: x is cut into D / chunk_dim chunks of `chunk_dim` features,
   each block's rows of a chunk are concatenated into one vector of block_size * chunk_dim
@@ -18,6 +18,20 @@ Two architectures (`PredictorConfig.architecture`):
   every token of a block, where `chunks` learns a separate weight per token slot: a third of
   the FLOPs and far fewer weights (90K against 1.6M per network on SmolLM2-135M). Measured
   (BENCHMARKS.md): on `tiny` with the same loss, recall 0.906 against 0.875 for `chunks`.
+
+- `heads`: no network. The oracle's own formula (pallas_kernels.block_scores) restricted to
+  `heads` query heads per layer, chosen offline (`predictor_training.select_heads`): exact
+  per-token queries and keys from the layer's own W_q / W_k columns of those heads (with its
+  LoRA update while fine-tuning), the run's RoPE, tile max of the head sum, causal column sum.
+  Only the head indices are stored; the weights are read from the model at use time, so the
+  caller passes the layer's attention module and its cos / sin. Why: the trained networks
+  generalise poorly from the few windows of a corpus (recall on training windows far above
+  held-out ones), and pooling over a block loses the tile max that decides the oracle's
+  choice: on SmolLM2-135M at 2,048 tokens (8 held-out windows) the layer's frozen W_q / W_k
+  applied to block means score 0.59 to 0.64, below position alone (0.80), and even exact keys
+  with queries pooled over 16 tokens only 0.71; a few exact heads keep both the max and the
+  content (0.91 with two heads chosen on 12 training windows). The cost is h / N of the
+  oracle's q.k products and h / N of its q and k projections for multi-head attention.
 
 and the layer keeps the top-k blocks by `score`, as it would by the oracle's. With `mlp`, each
 layer also has a `TokenScorer` ranking tokens for a token-sparse MLP from the MLP's normalised
@@ -42,7 +56,12 @@ from jaxtyping import Array, Float
 
 from lemo_jax.errors import UserError
 from lemo_jax.lemo.config import PREDICTOR_ARCHITECTURES
+from lemo_jax.lemo.layer import SCORE_TILES
+from lemo_jax.model.attention import has_ampere_gpu
+from lemo_jax.model.batch_parallel import on_each_device
 from lemo_jax.model.layers import stacked_at
+from lemo_jax.model.rope import apply_rotary
+from pallas_kernels import block_scores
 
 
 class PredictorParam(nnx.Variable):
@@ -63,15 +82,16 @@ class PredictorConfig:
     chunk_dim: int  # the model's head dim in the paper's artifact
     block_size: int = 64
     rank: int = 128
-    architecture: str = "pooled"  # "pooled" or "chunks" (module doc)
+    architecture: str = "pooled"  # "pooled", "chunks" or "heads" (module doc)
     mlp: bool = False  # also a per-token scorer for token-sparse MLPs (module doc)
+    heads: int = 2  # query heads per layer of the `heads` architecture
 
     def __post_init__(self):
         if self.architecture not in PREDICTOR_ARCHITECTURES:
             raise ValueError(f"unknown predictor architecture {self.architecture!r}")
         if self.model_dim % self.chunk_dim:
             raise ValueError(f"chunk_dim={self.chunk_dim} must divide model_dim={self.model_dim}")
-        for name in ("num_layers", "chunk_dim", "block_size", "rank"):
+        for name in ("num_layers", "chunk_dim", "block_size", "rank", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"predictor {name} must be positive, got {getattr(self, name)}")
 
@@ -125,13 +145,68 @@ class TokenScorer(nnx.Module):
         return jnp.einsum("btr,r->bt", hidden, self.w3[...].astype(x.dtype)).astype(jnp.float32)
 
 
+def head_columns(linear, x: Float[Array, "B T D"], heads, head_dim: int) -> Float[Array, "B T h H"]:
+    """The output of `linear` (a `Linear`, [D, heads * H] plus LoRA) for the given heads only:
+    x W[:, those heads' columns] (+ bias, + its LoRA update without dropout), so the cost is
+    h / heads of the full projection. `heads` int32 [h]."""
+    dtype = linear.compute_dtype
+    x = x.astype(dtype)
+
+    def columns(matrix):  # [..., heads * H] -> [..., h, H] for the chosen heads
+        matrix = matrix.reshape(*matrix.shape[:-1], -1, head_dim)
+        return jnp.take(matrix, heads, axis=-2).astype(dtype)
+
+    y = jnp.einsum("btd,dhe->bthe", x, columns(linear.kernel[...]))
+    if linear.bias is not None:
+        y = y + columns(linear.bias[...])
+    if linear.lora_a is not None:
+        down = jnp.dot(x, linear.lora_a[...].astype(dtype))  # [B, T, r]
+        y = y + linear.lora_scale * jnp.einsum("btr,rhe->bthe", down, columns(linear.lora_b[...]))
+    return y
+
+
+def head_block_scores(
+    attention,
+    x: Float[Array, "B T D"],
+    cos: Float[Array, "B T H"],
+    sin: Float[Array, "B T H"],
+    heads,
+    block_size: int,
+) -> Float[Array, "B M"]:
+    """The oracle's key-block scores (causal, column sum) over query heads `heads` [h] only, from
+    the layer's own q / k projections of those heads and of their kv heads (GQA: n // G)."""
+    num_heads, num_kv_heads, head_dim = attention.shape
+    heads = jnp.asarray(heads, jnp.int32)
+    kv_heads = heads // (num_heads // num_kv_heads)
+    query = apply_rotary(head_columns(attention.q_proj, x, heads, head_dim), cos, sin)
+    key = apply_rotary(head_columns(attention.k_proj, x, kv_heads, head_dim), cos, sin)
+    # The oracle's kernel and tiling (`lemo.layer.attention_token_ids`), per device on a mesh.
+    pallas = block_size & (block_size - 1) == 0 and has_ampere_gpu()
+    return on_each_device(  # [B, M]
+        lambda query, key: block_scores(
+            query,
+            key,
+            block_size=block_size,
+            causal=True,
+            impl="pallas" if pallas else "xla",
+            tiles=SCORE_TILES if pallas else (1, 1),
+            splits=None,
+        ),
+        query,
+        key,
+    )
+
+
 class LayerPredictor(nnx.Module):
-    """One layer's Q and K networks, and with `config.mlp` its MLP token scorer."""
+    """One layer's Q and K networks (or its chosen heads), and with `config.mlp` its MLP token
+    scorer."""
 
     def __init__(self, config: PredictorConfig, rngs: nnx.Rngs):
         if config.mlp:
             self.mlp_tokens = TokenScorer(config.model_dim, config.rank, rngs)
-        if config.architecture == "pooled":
+        if config.architecture == "heads":  # chosen offline; the first heads until then
+            self.heads = PredictorParam(jnp.arange(config.heads, dtype=jnp.int32))
+        elif config.architecture == "pooled":
             self.query = TokenPath(config.model_dim, config.rank, rngs)
             self.key = TokenPath(config.model_dim, config.rank, rngs)
         else:
@@ -139,9 +214,21 @@ class LayerPredictor(nnx.Module):
             self.key = LowRankPath(config.block_features, config.rank, rngs)
         self.config = config
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B M"]:
+    def __call__(
+        self, x: Float[Array, "B T D"], attention=None, cos=None, sin=None
+    ) -> Float[Array, "B M"]:
         """Predicted key-block scores [B, M] from the layer's normalised input (T a multiple
-        of the block size)."""
+        of the block size); the `heads` architecture also needs the layer's attention module
+        and the cos / sin tables of the tokens' positions."""
+        if self.config.architecture == "heads":
+            _check_input(x, self.config)
+            if attention is None or cos is None or sin is None:
+                raise ValueError(
+                    "the 'heads' predictors read the layer's own q / k weights: call them with "
+                    "the layer's attention module and cos / sin"
+                )
+            heads = self.heads[...]
+            return head_block_scores(attention, x, cos, sin, heads, self.config.block_size)
         if self.config.architecture == "pooled":
             batch, length, _ = x.shape
             _check_input(x, self.config)
@@ -194,8 +281,12 @@ class BlockScorePredictor(nnx.Module):
         """Layer `index`'s predictor (index may be traced, as inside a scan)."""
         return stacked_at(self.layers, index)
 
-    def __call__(self, index, x: Float[Array, "B T D"]) -> Float[Array, "B M"]:
-        return self.layer(index)(x)
+    def __call__(
+        self, index, x: Float[Array, "B T D"], attention=None, cos=None, sin=None
+    ) -> Float[Array, "B M"]:
+        """Layer `index`'s predicted key-block scores; `attention`, `cos`, `sin` (the layer's
+        attention module and RoPE tables) are needed by the `heads` architecture only."""
+        return self.layer(index)(x, attention, cos, sin)
 
     def token_scores(self, index, x: Float[Array, "B T D"]) -> Float[Array, "B T"]:
         """Layer `index`'s predicted MLP token scores from its normalised MLP input."""
@@ -236,6 +327,8 @@ def load_predictor(directory: str | Path, *, expected: PredictorConfig) -> Block
         saved = PredictorConfig(**fields)
     except (TypeError, ValueError) as error:
         raise UserError(f"{directory / CONFIG_FILE} is not a predictor config: {error}") from None
+    if saved.architecture == "heads" == expected.architecture:
+        expected = dataclasses.replace(expected, heads=saved.heads)  # the selection's own count
     if saved != expected:
         raise UserError(
             f"the predictors in {directory} were made for {saved}, but this run needs {expected}"

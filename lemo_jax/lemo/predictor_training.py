@@ -13,6 +13,11 @@ with standardised scores or ranks (no difference there), against 0.453 for raw p
 fitted to targets divided by their maximum. Ranks were kept for the squeezing argument and an
 exploratory SmolLM2 comparison that is not a reproducible result (BENCHMARKS.md says which).
 
+The `heads` predictors have no weights to fit: each layer keeps the `heads` query heads whose
+oracle scores alone (the oracle's formula over that one head) reach the highest recall on the
+training windows (`select_heads`), a selection made once offline with the same data and
+schedule as the networks' training.
+
 Recall at a layer is the fraction of the oracle's top-k blocks (k = the layer's budget in the
 run's LeMo plan, the first `keep_first_blocks` forced in both) that the predictor's top-k also
 selects; it is reported for the layers that eliminate blocks.
@@ -38,7 +43,9 @@ from lemo_jax.lemo.config import resolve_kernels
 from lemo_jax.lemo.layer import top_blocks
 from lemo_jax.lemo.predictor import BlockScorePredictor, PredictorParam, save_predictor
 from lemo_jax.model.llama import Llama
+from lemo_jax.model.rope import rotary_angles
 from lemo_jax.train.setup import build_model, predictor_config_for
+from pallas_kernels import block_scores
 
 
 def oracle_batch(
@@ -92,20 +99,88 @@ def predictor_loss(predictor: BlockScorePredictor, batch: LayerScan) -> jax.Arra
     return total
 
 
+def _rope_tables(model: Llama, batch: int, length: int):
+    """cos, sin [B, T, H] of positions 0..T-1, as the dense model uses them."""
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return rotary_angles(model.config.rope, model.config.head_dim, positions)
+
+
 def layer_recall(
-    predictor: BlockScorePredictor, batch: LayerScan, budgets: LayerBudgets, keep_first: int
+    predictor: BlockScorePredictor,
+    batch: LayerScan,
+    budgets: LayerBudgets,
+    keep_first: int,
+    model: Llama | None = None,
 ) -> dict[int, float]:
-    """{layer: recall} over the layers whose attention keeps fewer than all blocks."""
+    """{layer: recall} over the layers whose attention keeps fewer than all blocks. The `heads`
+    predictors read the layers' own projections: they need `model`."""
     recalls = {}
+    with_model = predictor.config.architecture == "heads"
+    if with_model and model is None:
+        raise ValueError("the 'heads' predictors need the model to score blocks")
+    if with_model:
+        cos, sin = _rope_tables(model, *batch.inputs.shape[1:3])
     for layer, kept in enumerate(budgets.attention_blocks):
         if kept is None or kept >= budgets.num_blocks:
             continue
-        predicted = predictor(layer, batch.inputs[layer])
+        if with_model:
+            attention = model.layer(layer).attention
+            predicted = predictor(layer, batch.inputs[layer], attention, cos, sin)
+        else:
+            predicted = predictor(layer, batch.inputs[layer])
         chosen = top_blocks(predicted, kept, keep_first)  # [B, k]
         truth = top_blocks(batch.scores[layer], kept, keep_first)
         hits = jnp.sum(chosen[:, :, None] == truth[:, None, :], axis=(1, 2))
         recalls[layer] = float(jnp.mean(hits / kept))
     return recalls
+
+
+def selection_budget(budgets: LayerBudgets) -> int:
+    """The block budget head selection ranks at: the smallest of the eliminating layers' (one
+    budget for every such layer under `paper_e2e`), or half the blocks when none eliminates."""
+    pruned = [k for k in budgets.attention_blocks if k is not None and k < budgets.num_blocks]
+    return min(pruned) if pruned else max(1, budgets.num_blocks // 2)
+
+
+def single_head_recall(
+    model: Llama, batch: LayerScan, *, kept: int, keep_first: int, block_size: int, kernels: str
+) -> jax.Array:
+    """[L, N]: per layer and query head, the recall (mean over the batch) at `kept` blocks of
+    the oracle's formula over that head alone, against the oracle over all heads."""
+    num_layers, batch_size, length, _ = batch.inputs.shape
+    cos, sin = _rope_tables(model, batch_size, length)
+
+    def per_layer(_, layer_data):
+        index, x, truth = layer_data  # x [B, T, D], truth [B, M]
+        query, key = model.layer(index).attention.rotated_query_key(x, cos, sin)
+        num_heads, num_kv_heads = query.shape[2], key.shape[2]
+        key = jnp.repeat(key, num_heads // num_kv_heads, axis=2)  # [B, T, N, H], GQA
+
+        # One head per batch row: [B, T, N, H] -> [B * N, T, 1, H].
+        def one_per_row(values):
+            return values.transpose(0, 2, 1, 3).reshape(batch_size * num_heads, length, 1, -1)
+
+        scores = block_scores(
+            one_per_row(query), one_per_row(key), block_size=block_size, impl=kernels
+        )  # [B * N, M]
+        chosen = top_blocks(scores, kept, keep_first)
+        truth = jnp.repeat(top_blocks(truth, kept, keep_first), num_heads, axis=0)
+        hits = jnp.sum(chosen[:, :, None] == truth[:, None, :], axis=(1, 2)) / kept
+        return None, jnp.mean(hits.reshape(batch_size, num_heads), axis=0)  # [N]
+
+    layers = (jnp.arange(num_layers), batch.inputs, batch.scores)
+    _, recall = jax.lax.scan(per_layer, None, layers)
+    return recall
+
+
+def select_heads(head_recall: jax.Array, num_chosen: int) -> jax.Array:
+    """[L, N] mean single-head recall -> [L, h] int32: each layer's `num_chosen` best heads,
+    in increasing order. The best single heads, not a greedy search over subsets: on SmolLM2
+    at 2,048 tokens (chosen on 12 training windows, measured on 8 held-out ones) the two gave
+    the same held-out recall within 0.003 for 1 to 4 heads, and the mean needs only [L, N]
+    numbers however many training windows there are."""
+    order = jnp.argsort(-head_recall, axis=-1)[:, :num_chosen]
+    return jnp.sort(order, axis=-1).astype(jnp.int32)
 
 
 def _top_mask(scores: jax.Array, kept: int) -> jax.Array:
@@ -167,6 +242,13 @@ class PredictorRun:
         return _mean(self.mlp_recall.values())
 
 
+def _with_heads(params, heads: jax.Array):
+    """`params` (the `heads` predictors' state) with the stacked head indices set to `heads`."""
+    params = jax.tree.map(lambda value: value, params)  # a copy; the caller's stays as it was
+    params["layers"]["heads"].set_value(heads)
+    return params
+
+
 def _mean(values) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
@@ -193,10 +275,17 @@ def train_predictors(
         config.data, tokenizer, train.seq_len, show_progress=show_progress
     )
     budgets = executed_budgets(lemo, model.config.num_layers, train.seq_len)
-    predictor = BlockScorePredictor(predictor_config_for(model.config, lemo), nnx.Rngs(train.seed))
+    predictor_config = predictor_config_for(model.config, lemo)
+    if predictor_config.architecture == "heads":
+        predictor_config = dataclasses.replace(predictor_config, heads=lemo.predictor_heads)
+    predictor = BlockScorePredictor(predictor_config, nnx.Rngs(train.seed))
     graphdef, params = nnx.split(predictor, PredictorParam)  # its weights are its only state
     optimizer = optax.adamw(learning_rate)
-    opt_state = optimizer.init(params)
+    choose_heads = predictor.config.architecture == "heads"  # no weights: a head selection
+    if choose_heads:  # the running sum of per-head recalls [L, N] stands in for the optimizer's
+        opt_state = jnp.zeros((model.config.num_layers, model.config.num_heads), jnp.float32)
+    else:
+        opt_state = optimizer.init(params)
     checkpoints = RunCheckpoints(directory / "checkpoints", keep=2)
     start, position, resumed_from = 0, 0, None
     restored = checkpoints.restore_latest(dict(params=params, opt_state=opt_state))
@@ -219,15 +308,35 @@ def train_predictors(
         )
     )
     step_fn = make_predictor_step(graphdef, optimizer)
+    if choose_heads:
+        if with_mlp:
+            raise UserError("the 'heads' predictors have no MLP token scorers; use lemo.mlp=dense")
+        head_recall_of = jax.jit(
+            lambda state, batch: single_head_recall(
+                nnx.merge(model_graph, state),
+                batch,
+                kept=selection_budget(budgets),
+                keep_first=lemo.keep_first_blocks,
+                block_size=lemo.block_size,
+                kernels=kernels,
+            )
+        )
     sampler = ShuffledSampler(len(train_windows), train.seed)
     loss = None
     progress = tqdm(total=steps, initial=start, desc="predictors", disable=not show_progress)
     for step in range(start + 1, steps + 1):
         token_ids = jnp.asarray(train_windows.batch(sampler.indices(position, train.batch_size)))
         position += train.batch_size
-        params, opt_state, loss_value = step_fn(params, opt_state, collect(model_state, token_ids))
-        loss = float(loss_value)
-        progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        batch = collect(model_state, token_ids)
+        if choose_heads:
+            step_recall = head_recall_of(model_state, batch)  # [L, N]
+            opt_state = opt_state + step_recall  # checkpointed: a resumed run keeps the sum
+            params = _with_heads(params, select_heads(opt_state / step, predictor.config.heads))
+        else:
+            params, opt_state, loss_value = step_fn(params, opt_state, batch)
+            loss = float(loss_value)
+        if loss is not None:
+            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
         progress.update(1)
         if step % checkpoint_every == 0 or step == steps:
             checkpoints.save(
@@ -238,9 +347,10 @@ def train_predictors(
 
     trained = nnx.merge(graphdef, params)
     per_batch, mlp_per_batch = [], []
+    dense_model = nnx.merge(model_graph, model_state) if choose_heads else None
     for index in range(min(eval_batches, len(validation_windows))):
         batch = collect(model_state, jnp.asarray(validation_windows.batch([index])))
-        per_batch.append(layer_recall(trained, batch, budgets, lemo.keep_first_blocks))
+        per_batch.append(layer_recall(trained, batch, budgets, lemo.keep_first_blocks, dense_model))
         if with_mlp:
             mlp_per_batch.append(mlp_token_recall(trained, batch, budgets))
 
