@@ -26,6 +26,9 @@ from lemo_jax.model.layers import param
 from lemo_jax.train.loop import run_training
 from lemo_jax.train.sharding import run_mesh, variable_spec
 
+# One worker runs the whole module: its fixtures are 8-device runs of a minute or more.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 CHECKS = Path(__file__).parent / "sharding_checks.py"
 BUILD_CHECKS = Path(__file__).parent / "sharded_build_checks.py"
 FINETUNE = Path(__file__).parents[1] / "scripts" / "finetune.py"
