@@ -25,17 +25,6 @@ for each, over all query heads, accumulating sum_h relu(q_h k_(h // G)^T) for th
 registers; the tile's max is added to the program's running score[n]. No logits reach memory, K
 is read per kv head (no repetition), and causally empty tiles are never visited.
 `impl="reference"` runs `block_scores_reference`.
-
-The kernel loads a query and a key tile per head and step and keeps neither (the head sum must
-finish before the tile's max), so its loads must mostly hit L2: at 4x2 tiles that is about 85
-FLOP per loaded byte, and 0.43 of the matmul ceiling (measured) is about 3 TB/s of tile loads,
-near the device's copy bandwidth, as if most of them missed. `schedule` orders the work for
-L2 reuse: "tiles" (the default) starts each program at its own first query tile, so programs
-running side by side read different query tiles at any moment; "aligned" cuts every key tile's
-query range at the same query tiles (the splits) and walks each share from its last tile down,
-so the programs running together (consecutive key tiles, same split) load the same query tile,
-head by head, at about the same time; "grouped" is "aligned" with the splits of one key tile
-launched next to each other, so its repeated key-tile loads are shared as well.
 """
 
 import functools
@@ -127,21 +116,18 @@ _OUT_WIDTH = 16  # each program writes its score broadcast over one 16-wide row 
 
 
 def _block_scores_kernel(
-    q_ref, k_ref, out_ref, *, block_size, tiles, q_len, kv_len, causal, group, splits, schedule
+    q_ref, k_ref, out_ref, *, block_size, tiles, q_len, kv_len, causal, group, splits
 ):
     """Program (key tile, batch row, split): for each of its key blocks n, the sum over its
     share of the query blocks m of the tile max. A key tile holds `tiles[1]` blocks and each
     step of the loop multiplies a query tile of `tiles[0]` blocks by it, head by head, so every
     loaded tile serves several blocks; the per-block maxima are then taken over masked
-    sub-tiles. The query tiles that see the key tile are cut into `splits` shares, one per
-    program, whose partial sums the caller adds: contiguous shares of the key tile's own range
-    ("tiles"), or the same query-tile chunks for every key tile, walked last tile first
-    ("aligned", "grouped"; module doc)."""
+    sub-tiles. The query tiles that see the key tile are cut into `splits` contiguous shares,
+    one per program, whose partial sums the caller adds."""
     q_blocks, k_blocks = tiles
     q_rows, k_rows = q_blocks * block_size, k_blocks * block_size
     num_heads = q_ref.shape[1]
-    key_axis, split_axis = (1, 0) if schedule == "grouped" else (0, 2)
-    k_start = pl.program_id(key_axis) * k_rows
+    k_start = pl.program_id(0) * k_rows
     k_positions = k_start + jnp.arange(k_rows)
     rows, cols = jnp.arange(q_rows), jnp.arange(k_rows)
 
@@ -180,20 +166,12 @@ def _block_scores_kernel(
     first = k_start // q_rows if causal else 0
     num_q_tiles = pl.cdiv(q_len, q_rows)
     start, stop = first, num_q_tiles
+    if splits > 1:
+        share = pl.cdiv(num_q_tiles - first, splits)
+        start = jnp.minimum(first + pl.program_id(2) * share, num_q_tiles)
+        stop = jnp.minimum(start + share, num_q_tiles)
     zeros = tuple(jnp.zeros((), jnp.float32) for _ in range(k_blocks))
-    if schedule == "tiles":
-        if splits > 1:
-            share = pl.cdiv(num_q_tiles - first, splits)
-            start = jnp.minimum(first + pl.program_id(split_axis) * share, num_q_tiles)
-            stop = jnp.minimum(start + share, num_q_tiles)
-        totals = lax.fori_loop(start, stop, body, zeros)
-    else:
-        if splits > 1:  # the same chunk boundaries for every key tile; a chunk may be empty
-            chunk = pl.cdiv(num_q_tiles, splits)
-            start = jnp.maximum(first, pl.program_id(split_axis) * chunk)
-            stop = jnp.minimum((pl.program_id(split_axis) + 1) * chunk, num_q_tiles)
-        count = jnp.maximum(stop - start, 0)
-        totals = lax.fori_loop(0, count, lambda step, t: body(stop - 1 - step, t), zeros)
+    totals = lax.fori_loop(start, stop, body, zeros)
     for j in range(k_blocks):
         out_ref[j, :] = jnp.full((_OUT_WIDTH,), totals[j], jnp.float32)
 
@@ -207,7 +185,6 @@ def _block_scores_kernel(
 # 8 was not better than 4.
 _TARGET_PROGRAMS = 1024
 _MAX_SPLITS = 4
-_SCHEDULES = ("tiles", "aligned", "grouped")
 
 
 def query_splits(num_k_tiles: int, batch: int) -> int:
@@ -228,7 +205,6 @@ def _block_scores_pallas(
     splits: int | None,
     num_warps: int | None,
     num_stages: int,
-    schedule: str,
 ) -> jax.Array:
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -255,29 +231,18 @@ def _block_scores_pallas(
         causal=causal,
         group=num_heads // num_kv_heads,
         splits=splits,
-        schedule=schedule,
     )
-    # Grid axis 0 varies fastest in launch order: the key tiles, or the splits when grouped.
-    grouped = schedule == "grouped"
-    grid = (splits, num_k_tiles, batch) if grouped else (num_k_tiles, batch, splits)
-
-    def program(*ids):  # grid indices -> (key tile, batch row, split)
-        return (ids[1], ids[2], ids[0]) if grouped else ids
 
     def whole(x):  # all rows and heads of one batch row
-        return pl.BlockSpec((None, *x.shape[1:]), lambda *ids: (program(*ids)[1], 0, 0, 0))
-
-    def out_tile(*ids):
-        n, b, s = program(*ids)
-        return b, s, n, 0
+        return pl.BlockSpec((None, *x.shape[1:]), lambda n, b, s: (b, 0, 0, 0))
 
     if num_warps is None:
         num_warps = 4 if tiles == (1, 1) else 8
     scores = pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(num_k_tiles, batch, splits),
         in_specs=[whole(q), whole(k)],
-        out_specs=pl.BlockSpec((None, None, tiles[1], _OUT_WIDTH), out_tile),
+        out_specs=pl.BlockSpec((None, None, tiles[1], _OUT_WIDTH), lambda n, b, s: (b, s, n, 0)),
         out_shape=jax.ShapeDtypeStruct(
             (batch, splits, num_k_tiles * tiles[1], _OUT_WIDTH), jnp.float32
         ),
@@ -301,7 +266,6 @@ def _block_scores_pallas(
         "splits",
         "num_warps",
         "num_stages",
-        "schedule",
     ),
 )
 def block_scores(
@@ -316,7 +280,6 @@ def block_scores(
     splits: int | None = 1,
     num_warps: int | None = None,
     num_stages: int = 2,
-    schedule: str = "tiles",
 ) -> jax.Array:  # [B, ceil(S / block_size)] float32
     """LeMo key-block scores score[n] = sum_m max_tile(m, n) sum_h relu(s_h) / N (module doc).
 
@@ -326,8 +289,7 @@ def block_scores(
     `interpret=None` interprets it off the GPU; `tiles=(q, k)`: query and key blocks per
     kernel tile, powers of two; `splits`: programs sharing each key tile's query range,
     None = `query_splits`; `num_warps` (None: 4 for 1x1 tiles, else 8) and `num_stages`:
-    Triton's; `schedule`: the order of the work, "tiles", "aligned" or "grouped", module doc)
-    or "reference" (direct O(T * S)).
+    Triton's) or "reference" (direct O(T * S)).
     """
     _check_shapes(q, k, block_size, causal)
     if impl not in _IMPLS:
@@ -348,8 +310,6 @@ def block_scores(
             raise ValueError(f"num_warps must be a power of two; got {num_warps}")
         if num_stages < 1:
             raise ValueError(f"num_stages must be at least 1; got {num_stages}")
-        if schedule not in _SCHEDULES:
-            raise ValueError(f"schedule must be one of {_SCHEDULES}; got {schedule!r}")
         return _block_scores_pallas(
             q,
             k,
@@ -360,7 +320,6 @@ def block_scores(
             splits,
             num_warps,
             num_stages,
-            schedule,
         )
     if impl == "reference":
         return block_scores_reference(q, k, block_size=block_size, causal=causal)

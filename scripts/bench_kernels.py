@@ -26,12 +26,10 @@ and fractions use (device on a GPU, wall elsewhere), so a fraction compares like
   A CPU has no device trace: its XLA ops' host events are summed (`time_source: host`), good
   for smoke tests only.
 
-Kernel variants, each list crossed with the others of its op, one measurement each:
-`--score-tiles`, `--score-splits`, `--score-warps`, `--score-stages`, `--score-schedule` for the
-Pallas block scores (`pallas_kernels.block_scores`); `--row-tiles` (rows per step x steps per
-program), `--row-warps`, `--row-stages` for the Pallas row ops
-(`pallas_kernels.selective_load.row_tiling`). Labels name the choices, e.g.
-`pallas:4x2/sauto/w4/st3/aligned` or `pallas:4x16/w8/st2`; plain `pallas` is the default kernel.
+Block-score kernel variants (`pallas_kernels.block_scores`), each list crossed with the
+others, one measurement each: `--score-tiles`, `--score-splits`, `--score-warps`,
+`--score-stages`. Labels name the choices that differ from the defaults, e.g.
+`pallas:4x2/sauto/w4/st3`.
 
 Each Pallas variant's first output is compared with the XLA implementation's on the same
 inputs (`error_vs_xla`: relative Frobenius error; 0 for the residual add's exact addition), so
@@ -57,12 +55,10 @@ import jax.numpy as jnp
 from lemo_jax.errors import UserError, run_cli
 from lemo_jax.train.profile import profile_call
 from pallas_kernels import block_scores, gather_rmsnorm, scatter_add_rows
-from pallas_kernels.selective_load import row_tiling
 
 OPS = ("block_scores", "selective_load", "residual_add")
 IMPLS = ("xla", "pallas")
 TIMINGS = ("device", "wall")
-SCHEDULES = ("tiles", "aligned", "grouped")
 _TOP_KERNELS = 6  # kernels per measurement listed in its JSON line
 
 
@@ -173,20 +169,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--score-warps", default="auto", help="block_scores Triton num_warps, e.g. auto,4,8"
     )
     parser.add_argument("--score-stages", default="2", help="block_scores Triton num_stages")
-    parser.add_argument(
-        "--score-schedule",
-        default="tiles",
-        help=f"block_scores Pallas work order, any of {', '.join(SCHEDULES)}",
-    )
-    parser.add_argument(
-        "--row-tiles",
-        default="auto",
-        help="row-op Pallas rows per step x steps per program, e.g. auto,4x16,8x8",
-    )
-    parser.add_argument("--row-warps", default="auto", help="row-op Triton num_warps")
-    parser.add_argument(
-        "--row-stages", default="auto", help="row-op Triton num_stages (auto: 1, 2 if a loop)"
-    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--timing",
@@ -227,7 +209,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--timing must be one of {', '.join(TIMINGS)}, got {timing!r}")
     # Bad input fails here, before the ceilings' minute.
     score_variants = _score_variants(args)
-    row_variants = {length: _row_variants(args, length) for length in lengths}
 
     device = jax.devices()[0].device_kind
     rates = ceilings(args.repeats, args.ceiling_size, timing)
@@ -251,10 +232,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for seq_len in lengths:
         for op in ops:
             inputs = None  # drawn at the first measurement that is not skipped
-            pallas_variants = score_variants if op == "block_scores" else row_variants[seq_len]
+            pallas_variants = score_variants if op == "block_scores" else [None]
             for impl in impls:
                 for variant in pallas_variants if impl == "pallas" else [None]:
-                    label = _label(op, impl, variant, seq_len, args)
+                    label = _label(impl, variant)
                     row = dict(op=op, impl=label, seq_len=seq_len)
                     if args.budget_s and time.perf_counter() - started > args.budget_s:
                         row["skipped"] = f"--budget-s {args.budget_s:g} spent"
@@ -341,13 +322,13 @@ def _print_table(device: str, clock: str, rates: dict, rows: list[dict]) -> None
         )
 
 
-def _parse_tiles(text: str, flag: str = "--score-tiles") -> list[tuple[int, int]]:
+def _parse_tiles(text: str) -> list[tuple[int, int]]:
     tiles = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         try:
             first, second = (int(v) for v in part.lower().split("x"))
         except ValueError:
-            raise UserError(f"{flag} expects AxB pairs such as 2x2, got {part!r}") from None
+            raise UserError(f"--score-tiles expects QxK pairs such as 2x2, got {part!r}") from None
         tiles.append((first, second))
     return tiles or [(1, 1)]
 
@@ -382,12 +363,9 @@ def _score_variants(args: argparse.Namespace) -> list[dict]:
     splits = _parse_splits(args.score_splits)
     warps = _parse_int_or_auto(args.score_warps, "--score-warps", power_of_two=True)
     stages = parse_ints(args.score_stages, "--score-stages")
-    schedules = [s.strip() for s in args.score_schedule.split(",") if s.strip()] or ["tiles"]
-    if unknown := sorted(set(schedules) - set(SCHEDULES)):
-        raise UserError(f"--score-schedule: unknown {unknown}; choose from {', '.join(SCHEDULES)}")
     return [
-        dict(tiles=t, splits=s, num_warps=w, num_stages=st, schedule=sc)
-        for t, s, w, st, sc in itertools.product(tiles, splits, warps, stages, schedules)
+        dict(tiles=t, splits=s, num_warps=w, num_stages=st)
+        for t, s, w, st in itertools.product(tiles, splits, warps, stages)
     ]
 
 
@@ -396,51 +374,10 @@ def _kept_rows(seq_len: int, args: argparse.Namespace) -> int:
     return max(1, round(args.keep * num_blocks)) * args.block_size
 
 
-def _row_variants(args: argparse.Namespace, seq_len: int) -> list[dict]:
-    """The Pallas row kernels' tilings at this length (`row_tiling`, defaults filled in),
-    one dict of keyword arguments per distinct tiling."""
-    tiles = [
-        None if part.strip() == "auto" else part
-        for part in args.row_tiles.split(",")
-        if part.strip()
-    ] or [None]
-    parsed = [None if t is None else _parse_tiles(t, "--row-tiles")[0] for t in tiles]
-    warps = _parse_int_or_auto(args.row_warps, "--row-warps", power_of_two=True)
-    stages = _parse_int_or_auto(args.row_stages, "--row-stages")
-    kept = _kept_rows(seq_len, args)
-    variants = []
-    for tile, num_warps, num_stages in itertools.product(parsed, warps, stages):
-        rows_per_step, steps = tile or (None, 1)
-        try:
-            tiling = row_tiling(
-                kept,
-                args.model_dim,
-                rows_per_step=rows_per_step,
-                steps_per_program=steps,
-                num_warps=num_warps,
-                num_stages=num_stages,
-            )
-        except ValueError as err:
-            raise UserError(
-                f"--row-tiles/--row-warps/--row-stages: {err} at {seq_len} tokens"
-            ) from None
-        if tiling._asdict() not in variants:
-            variants.append(tiling._asdict())
-    return variants
-
-
-def _label(op: str, impl: str, variant, seq_len: int, args: argparse.Namespace) -> str:
-    """`impl`, plus the Pallas kernel's choices where they are not its defaults (all four of a
-    row kernel's then, resolved)."""
+def _label(impl: str, variant) -> str:
+    """`impl`, plus the block-score kernel's choices where they are not its defaults."""
     if variant is None:
         return impl
-    if op != "block_scores":
-        if variant == row_tiling(_kept_rows(seq_len, args), args.model_dim)._asdict():
-            return impl
-        return (
-            f"{impl}:{variant['rows_per_step']}x{variant['steps_per_program']}"
-            f"/w{variant['num_warps']}/st{variant['num_stages']}"
-        )
     parts = []
     if variant["splits"] != 1:
         parts.append(f"/s{'auto' if variant['splits'] is None else variant['splits']}")
@@ -448,8 +385,6 @@ def _label(op: str, impl: str, variant, seq_len: int, args: argparse.Namespace) 
         parts.append(f"/w{variant['num_warps']}")
     if variant["num_stages"] != 2:
         parts.append(f"/st{variant['num_stages']}")
-    if variant["schedule"] != "tiles":
-        parts.append(f"/{variant['schedule']}")
     if variant["tiles"] == (1, 1) and not parts:
         return impl
     q_blocks, k_blocks = variant["tiles"]
@@ -478,7 +413,7 @@ def _inputs(op: str, seq_len: int, args: argparse.Namespace) -> dict:
 
 def _op(op: str, impl: str, inputs: dict, args: argparse.Namespace, variant=None):
     """(function, its inputs, its work in FLOPs or bytes) for one measurement; `variant`: the
-    Pallas kernel's keyword arguments."""
+    block-score kernel's keyword arguments."""
     extra = variant or {}
     if op == "block_scores":
         function = jax.jit(
@@ -491,13 +426,9 @@ def _op(op: str, impl: str, inputs: dict, args: argparse.Namespace, variant=None
     element = jnp.dtype(jnp.bfloat16).itemsize
     row_bytes = inputs["kept"] * args.model_dim * element
     if op == "selective_load":
-        function = jax.jit(
-            lambda h, ids, s: gather_rmsnorm(h, ids, s, eps=1e-5, impl=impl, **extra)
-        )
+        function = jax.jit(lambda h, ids, s: gather_rmsnorm(h, ids, s, eps=1e-5, impl=impl))
         return function, (inputs["h"], inputs["ids"], inputs["scale"]), 2 * row_bytes
-    add = jax.jit(
-        lambda h, ids, r: scatter_add_rows(h, ids, r, impl=impl, **extra), donate_argnums=0
-    )
+    add = jax.jit(lambda h, ids, r: scatter_add_rows(h, ids, r, impl=impl), donate_argnums=0)
     state = {"h": jnp.copy(inputs["h"])}  # donated from here on: the shared input stays whole
 
     def threaded(ids, rows):  # each call consumes the previous result: in place every time
