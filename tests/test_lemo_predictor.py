@@ -403,3 +403,24 @@ def test_heads_over_all_heads_select_the_oracles_tokens_in_the_model():
         h, cos, sin, 1, num_blocks=3, plan=dataclasses.replace(plan, scorer="predictor")
     )
     np.testing.assert_array_equal(predicted, oracle)
+
+
+def test_predictor_heads_sets_the_untrained_and_selected_head_count():
+    """`lemo.predictor_heads` reaches every `heads` predictor built for a model (untrained ones
+    for benchmarks too); more heads than the model has is a one-line error."""
+    model_config = get_model_config("tiny")
+    lemo = apply_overrides(
+        get_run_config("tiny"), ["lemo.predictor_architecture=heads", "lemo.predictor_heads=3"]
+    ).lemo
+    config = predictor_config_for(model_config, lemo)
+    assert config.heads == 3
+    assert BlockScorePredictor(config, nnx.Rngs(0)).layers.heads[...].shape == (
+        model_config.num_layers,
+        3,
+    )
+    # Other architectures ignore it (and keep loading predictors saved with the default).
+    pooled = dataclasses.replace(lemo, predictor_architecture="pooled")
+    assert predictor_config_for(model_config, pooled).heads == PredictorConfig.heads
+    too_many = dataclasses.replace(lemo, predictor_heads=model_config.num_heads + 1)
+    with pytest.raises(UserError, match="more than the model's"):
+        predictor_config_for(model_config, too_many)

@@ -110,8 +110,9 @@ class LemoConfig:
     # own frozen projections; see the predictor module).
     predictor_architecture: str = "pooled"
     # Query heads per layer of the "heads" predictors: each costs about 1 / num_heads of the
-    # oracle scorer (estimated from shapes: 2 heads about 1% of a Llama-2-7B step at 64K, the
-    # oracle 11.5%). Read when training them; a saved selection keeps its own count.
+    # oracle scorer (2 heads measured at 1.1% of a Llama-2-7B step at 64K, the oracle 11.5%).
+    # Read when selecting them and for untrained ones (benchmarks); a saved selection keeps
+    # its own count.
     predictor_heads: int = 2
     # The first blocks are always kept in attention (a token-sparse MLP selects single tokens
     # by their own activation and forces none): the first tokens

@@ -275,10 +275,7 @@ def train_predictors(
         config.data, tokenizer, train.seq_len, show_progress=show_progress
     )
     budgets = executed_budgets(lemo, model.config.num_layers, train.seq_len)
-    predictor_config = predictor_config_for(model.config, lemo)
-    if predictor_config.architecture == "heads":
-        predictor_config = dataclasses.replace(predictor_config, heads=lemo.predictor_heads)
-    predictor = BlockScorePredictor(predictor_config, nnx.Rngs(train.seed))
+    predictor = BlockScorePredictor(predictor_config_for(model.config, lemo), nnx.Rngs(train.seed))
     graphdef, params = nnx.split(predictor, PredictorParam)  # its weights are its only state
     optimizer = optax.adamw(learning_rate)
     choose_heads = predictor.config.architecture == "heads"  # no weights: a head selection

@@ -119,7 +119,16 @@ def build_model(
 
 
 def predictor_config_for(model_config: ModelConfig, lemo: LemoConfig) -> PredictorConfig:
-    """The predictor shapes a model needs: head-dim chunks of the model dim, LeMo's blocks."""
+    """The predictor shapes a model needs: head-dim chunks of the model dim, LeMo's blocks,
+    and for the `heads` architecture `lemo.predictor_heads` of the model's query heads."""
+    heads = PredictorConfig.heads  # only the `heads` architecture reads it
+    if lemo.predictor_architecture == "heads":
+        heads = lemo.predictor_heads
+        if heads > model_config.num_heads:
+            raise UserError(
+                f"lemo.predictor_heads={heads} is more than the model's "
+                f"{model_config.num_heads} query heads"
+            )
     return PredictorConfig(
         num_layers=model_config.num_layers,
         model_dim=model_config.model_dim,
@@ -127,6 +136,7 @@ def predictor_config_for(model_config: ModelConfig, lemo: LemoConfig) -> Predict
         block_size=lemo.block_size,
         architecture=lemo.predictor_architecture,
         mlp=lemo.mlp == "token_sparse",
+        heads=heads,
     )
 
 
