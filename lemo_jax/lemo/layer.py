@@ -122,6 +122,27 @@ def sorted_top_k(scores: Float[Array, "B M"], num_kept: int) -> Int[Array, "B K"
     return on_each_device(select, scores)
 
 
+def oracle_block_scores(
+    query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], *, block_size: int, kernels: str
+) -> Float[Array, "B M"]:
+    """The oracle's key-block scores (paper eq. 2, causal) with the model's kernel choice: the
+    Pallas kernel at `SCORE_TILES` (its query ranges split to fill the device) or XLA's tiled
+    version; on a mesh, each device scores its own sequences."""
+    return on_each_device(
+        lambda query, key: block_scores(
+            query,
+            key,
+            block_size=block_size,
+            causal=True,
+            impl=kernels,
+            tiles=SCORE_TILES if kernels == "pallas" else (1, 1),
+            splits=None,
+        ),
+        query,
+        key,
+    )
+
+
 def attention_token_ids(
     layer,
     h: Float[Array, "B T D"],
@@ -139,22 +160,11 @@ def attention_token_ids(
     if plan.scorer == "predictor":
         if predictor is None:
             raise ValueError("plan.scorer='predictor' but the model has no predictors attached")
-        scores = jax.lax.stop_gradient(predictor(index, x, layer.attention, cos, sin))
+        scores = predictor(index, x, layer.attention, cos, sin, kernels=plan.kernels)
+        scores = jax.lax.stop_gradient(scores)
     else:
         query, key = layer.attention.rotated_query_key(x, cos, sin)
-        scores = on_each_device(  # [B, M]
-            lambda query, key: block_scores(
-                query,
-                key,
-                block_size=plan.block_size,
-                causal=True,
-                impl=plan.kernels,
-                tiles=SCORE_TILES if plan.kernels == "pallas" else (1, 1),
-                splits=None,  # the Pallas kernel splits query ranges to fill the device
-            ),
-            query,
-            key,
-        )
+        scores = oracle_block_scores(query, key, block_size=plan.block_size, kernels=plan.kernels)
     if plan.score_reduction == "mean":  # block n is seen by query blocks n .. M-1
         num_blocks_total = scores.shape[-1]
         scores = scores / (num_blocks_total - jnp.arange(num_blocks_total, dtype=scores.dtype))

@@ -56,12 +56,9 @@ from jaxtyping import Array, Float
 
 from lemo_jax.errors import UserError
 from lemo_jax.lemo.config import PREDICTOR_ARCHITECTURES
-from lemo_jax.lemo.layer import SCORE_TILES
-from lemo_jax.model.attention import has_ampere_gpu
-from lemo_jax.model.batch_parallel import on_each_device
+from lemo_jax.lemo.layer import oracle_block_scores
 from lemo_jax.model.layers import stacked_at
 from lemo_jax.model.rope import apply_rotary
-from pallas_kernels import block_scores
 
 
 class PredictorParam(nnx.Variable):
@@ -172,29 +169,17 @@ def head_block_scores(
     sin: Float[Array, "B T H"],
     heads,
     block_size: int,
+    kernels: str = "xla",
 ) -> Float[Array, "B M"]:
     """The oracle's key-block scores (causal, column sum) over query heads `heads` [h] only, from
-    the layer's own q / k projections of those heads and of their kv heads (GQA: n // G)."""
+    the layer's own q / k projections of those heads and of their kv heads (GQA: n // G), with
+    the oracle's kernels (`kernels`: "xla" or "pallas", as `lemo.kernels` resolves)."""
     num_heads, num_kv_heads, head_dim = attention.shape
     heads = jnp.asarray(heads, jnp.int32)
     kv_heads = heads // (num_heads // num_kv_heads)
     query = apply_rotary(head_columns(attention.q_proj, x, heads, head_dim), cos, sin)
     key = apply_rotary(head_columns(attention.k_proj, x, kv_heads, head_dim), cos, sin)
-    # The oracle's kernel and tiling (`lemo.layer.attention_token_ids`), per device on a mesh.
-    pallas = block_size & (block_size - 1) == 0 and has_ampere_gpu()
-    return on_each_device(  # [B, M]
-        lambda query, key: block_scores(
-            query,
-            key,
-            block_size=block_size,
-            causal=True,
-            impl="pallas" if pallas else "xla",
-            tiles=SCORE_TILES if pallas else (1, 1),
-            splits=None,
-        ),
-        query,
-        key,
-    )
+    return oracle_block_scores(query, key, block_size=block_size, kernels=kernels)  # [B, M]
 
 
 class LayerPredictor(nnx.Module):
@@ -215,11 +200,11 @@ class LayerPredictor(nnx.Module):
         self.config = config
 
     def __call__(
-        self, x: Float[Array, "B T D"], attention=None, cos=None, sin=None
+        self, x: Float[Array, "B T D"], attention=None, cos=None, sin=None, kernels: str = "xla"
     ) -> Float[Array, "B M"]:
         """Predicted key-block scores [B, M] from the layer's normalised input (T a multiple
-        of the block size); the `heads` architecture also needs the layer's attention module
-        and the cos / sin tables of the tokens' positions."""
+        of the block size); the `heads` architecture also needs the layer's attention module,
+        the cos / sin tables of the tokens' positions and the block-score kernels to use."""
         if self.config.architecture == "heads":
             _check_input(x, self.config)
             if attention is None or cos is None or sin is None:
@@ -228,7 +213,7 @@ class LayerPredictor(nnx.Module):
                     "the layer's attention module and cos / sin"
                 )
             heads = self.heads[...]
-            return head_block_scores(attention, x, cos, sin, heads, self.config.block_size)
+            return head_block_scores(attention, x, cos, sin, heads, self.config.block_size, kernels)
         if self.config.architecture == "pooled":
             batch, length, _ = x.shape
             _check_input(x, self.config)
@@ -282,11 +267,18 @@ class BlockScorePredictor(nnx.Module):
         return stacked_at(self.layers, index)
 
     def __call__(
-        self, index, x: Float[Array, "B T D"], attention=None, cos=None, sin=None
+        self,
+        index,
+        x: Float[Array, "B T D"],
+        attention=None,
+        cos=None,
+        sin=None,
+        kernels: str = "xla",
     ) -> Float[Array, "B M"]:
         """Layer `index`'s predicted key-block scores; `attention`, `cos`, `sin` (the layer's
-        attention module and RoPE tables) are needed by the `heads` architecture only."""
-        return self.layer(index)(x, attention, cos, sin)
+        attention module and RoPE tables) and `kernels` are read by the `heads` architecture
+        only."""
+        return self.layer(index)(x, attention, cos, sin, kernels)
 
     def token_scores(self, index, x: Float[Array, "B T D"]) -> Float[Array, "B T"]:
         """Layer `index`'s predicted MLP token scores from its normalised MLP input."""

@@ -111,9 +111,11 @@ def layer_recall(
     budgets: LayerBudgets,
     keep_first: int,
     model: Llama | None = None,
+    kernels: str = "xla",
 ) -> dict[int, float]:
     """{layer: recall} over the layers whose attention keeps fewer than all blocks. The `heads`
-    predictors read the layers' own projections: they need `model`."""
+    predictors read the layers' own projections: they need `model` (and score with
+    `kernels`)."""
     recalls = {}
     with_model = predictor.config.architecture == "heads"
     if with_model and model is None:
@@ -125,7 +127,7 @@ def layer_recall(
             continue
         if with_model:
             attention = model.layer(layer).attention
-            predicted = predictor(layer, batch.inputs[layer], attention, cos, sin)
+            predicted = predictor(layer, batch.inputs[layer], attention, cos, sin, kernels)
         else:
             predicted = predictor(layer, batch.inputs[layer])
         chosen = top_blocks(predicted, kept, keep_first)  # [B, k]
@@ -347,7 +349,9 @@ def train_predictors(
     dense_model = nnx.merge(model_graph, model_state) if choose_heads else None
     for index in range(min(eval_batches, len(validation_windows))):
         batch = collect(model_state, jnp.asarray(validation_windows.batch([index])))
-        per_batch.append(layer_recall(trained, batch, budgets, lemo.keep_first_blocks, dense_model))
+        per_batch.append(
+            layer_recall(trained, batch, budgets, lemo.keep_first_blocks, dense_model, kernels)
+        )
         if with_mlp:
             mlp_per_batch.append(mlp_token_recall(trained, batch, budgets))
 
