@@ -10,22 +10,29 @@ LoRA r=8 on every projection, 400 steps of 32K tokens) with the same data order,
     lemo_calibrated  LeMo, budgets calibrated on the interpolated base model: the layers whose
                      elimination raises its loss by at most --max-loss-rise nats together
                      (scripts/calibrate_budgets.py; --max-loss-rise 0 for the score threshold)
-    lemo_predictor   LeMo, paper_e2e budgets, trained predictors (scripts/train_predictor.py)
+    lemo_predictor   LeMo, the calibrated budgets, selected by trained predictors (the
+                     `heads` architecture, scripts/train_predictor.py) instead of the oracle
 
 then each arm and the base model (with and without interpolation) is evaluated densely:
 perplexity on held-out long documents and passkey retrieval at every --lengths. Stages run the
 project's own commands, which are printed and saved in OUT/commands.txt; everything resumes
-(re-run the same command after an interruption). OUT gets adapters/ARM (PEFT), results.json,
-accuracy.md (table and settings) and perplexity.png.
+(re-run the same command after an interruption). With --jobs N, up to N independent stages run
+at once (sharing the device; their output goes to OUT/logs/STAGE.log), so one stage's model
+loading, compilation and export overlap another's device work. OUT gets adapters/ARM (PEFT),
+results.json, accuracy.md (table and settings) and perplexity.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import json
+import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +70,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--passkey-trials", type=int, default=50, help="trials per length")
     parser.add_argument("--batch-tokens", type=int, default=32_768, help="tokens per forward")
     parser.add_argument("--predictor-steps", type=int, default=400)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="prepare / train stages run at once, sharing the device (default 1)",
+    )
     parser.add_argument("--calibration-samples", type=int, default=8)
     parser.add_argument(
         "--max-loss-rise",
@@ -83,7 +96,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ) from None
     if args.lengths[0] < 1 or any(args.lengths[-1] % n for n in args.lengths):
         raise UserError(f"--lengths must be positive and divide the longest: {args.lengths}")
-    for name in ("eval_tokens", "passkey_trials", "batch_tokens", "predictor_steps"):
+    for name in ("eval_tokens", "passkey_trials", "batch_tokens", "predictor_steps", "jobs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.max_loss_rise < 0:
@@ -102,20 +115,24 @@ def _choices(text: str, allowed: Sequence[str], flag: str) -> list[str]:
 # Calibrated budgets prune whichever layers qualify, often one at a time: each runs alone rather
 # than paired with a dense neighbour (which would run it dense), in calibration and training.
 CALIBRATED_PLAN = ("lemo.merge_lone_layers=false",)
+# The predictor arm's predictors: the oracle's scores over a few query heads (the architecture
+# with the best measured recall, BENCHMARKS.md "Predictors"); the MLP stays dense in every arm.
+PREDICTOR_PLAN = ("lemo.predictor_architecture=heads",)
+
+
+def calibrated_schedule(out: Path) -> list[str]:
+    return [f"lemo.schedule=file:{out / 'budgets.json'}", *CALIBRATED_PLAN]
 
 
 def arm_overrides(arm: str, out: Path) -> list[str]:
     lemo = {
         "dense": ["lemo.enabled=false"],
         "lemo_oracle": ["lemo.enabled=true", "lemo.schedule=paper_e2e", "lemo.scorer=oracle"],
-        "lemo_calibrated": [
-            "lemo.enabled=true",
-            f"lemo.schedule=file:{out / 'budgets.json'}",
-            *CALIBRATED_PLAN,
-        ],
+        "lemo_calibrated": ["lemo.enabled=true", *calibrated_schedule(out)],
         "lemo_predictor": [
             "lemo.enabled=true",
-            "lemo.schedule=paper_e2e",
+            *calibrated_schedule(out),
+            *PREDICTOR_PLAN,
             "lemo.scorer=predictor",
             f"lemo.predictor_path={out / 'predictors'}",
         ],
@@ -123,8 +140,17 @@ def arm_overrides(arm: str, out: Path) -> list[str]:
     return [f"output_dir={out / 'runs' / arm}", *lemo]
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    script: str
+    arguments: list[str]
+    after: tuple[str, ...] = ()  # stages that must end first (when they run at all)
+
+
 class Stages:
-    """Runs the project's scripts as subprocesses, logging each command and its wall time."""
+    """Runs the project's scripts as subprocesses, logging each command and its wall time; with
+    `--jobs N` up to N at once, in dependency order, each one's output in OUT/logs/."""
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.out = args, args.out
@@ -133,49 +159,119 @@ class Stages:
         self.timings = (
             json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
         )
-
-    def run(self, name: str, script: str, arguments: list[str]) -> None:
-        command = [sys.executable, str(SCRIPTS / script), *arguments]
-        text = shlex.join(["python", f"scripts/{script}", *arguments])
-        print(f"\n[{name}] {text}", file=sys.stderr, flush=True)
-        with open(self.out / "commands.txt", "a") as log:
-            log.write(text + "\n")
-        started = time.perf_counter()
-        code = subprocess.run(command).returncode
-        if code != 0:
-            raise UserError(f"stage {name} failed (exit {code}): {text}")
-        self.timings[name] = round(self.timings.get(name, 0) + time.perf_counter() - started, 1)
-        self.timings_path.write_text(json.dumps(self.timings, indent=1) + "\n")
+        self.lock = threading.Lock()
 
     def config_arguments(self, *extra: str) -> list[str]:
         overrides = [*self.args.overrides, *extra]
         return ["--config", self.args.config, *(item for o in overrides for item in ("--set", o))]
 
-    def prepare(self) -> None:
-        budgets, predictors = self.out / "budgets.json", self.out / "predictors"
-        if "lemo_calibrated" in self.args.arms and not budgets.exists():
-            samples = ["--samples", str(self.args.calibration_samples), "--out", str(budgets)]
-            if self.args.max_loss_rise:
-                samples += ["--max-loss-rise", str(self.args.max_loss_rise)]
-            arguments = self.config_arguments(*CALIBRATED_PLAN)
-            self.run("calibrate", "calibrate_budgets.py", arguments + samples)
-        if "lemo_predictor" in self.args.arms and not (predictors / "recall.json").exists():
-            steps = ["--steps", str(self.args.predictor_steps), "--no-progress"]
-            arguments = self.config_arguments("lemo.schedule=paper_e2e")
-            self.run(
-                "predictors", "train_predictor.py", [*arguments, *steps, "--out", str(predictors)]
-            )
+    def pending(self) -> list[Stage]:
+        """The stages of --stages still to run, in a valid sequential order."""
+        args, out = self.args, self.out
+        budgets, predictors = out / "budgets.json", out / "predictors"
+        needs_budgets = {"lemo_calibrated", "lemo_predictor"} & set(args.arms)
+        needs_predictors = "lemo_predictor" in args.arms
+        stages: list[Stage] = []
+        if "prepare" in args.stages:
+            if needs_budgets and not budgets.exists():
+                samples = ["--samples", str(args.calibration_samples), "--out", str(budgets)]
+                if args.max_loss_rise:
+                    samples += ["--max-loss-rise", str(args.max_loss_rise)]
+                arguments = self.config_arguments(*CALIBRATED_PLAN)
+                stages.append(Stage("calibrate", "calibrate_budgets.py", arguments + samples))
+            if needs_predictors and not (predictors / "recall.json").exists():
+                steps = ["--steps", str(args.predictor_steps), "--no-progress"]
+                arguments = self.config_arguments(*calibrated_schedule(out), *PREDICTOR_PLAN)
+                arguments += [*steps, "--out", str(predictors)]
+                stages.append(Stage("predictors", "train_predictor.py", arguments, ("calibrate",)))
+        if "train" in args.stages:
+            names = {stage.name for stage in stages}
+            for arm in args.arms:
+                adapter = out / "adapters" / arm
+                if adapter.exists():
+                    continue
+                after = {"lemo_calibrated": ("calibrate",), "lemo_predictor": ("predictors",)}
+                missing = [name for name in after.get(arm, ()) if name not in names]
+                inputs = {"calibrate": budgets, "predictors": predictors / "recall.json"}
+                for name in missing:
+                    if not inputs[name].exists():
+                        raise UserError(
+                            f"arm {arm} needs {inputs[name]}: run the prepare stage first"
+                        )
+                arguments = self.config_arguments(*arm_overrides(arm, out))
+                stages.append(Stage(f"train_{arm}", "finetune.py", arguments, after.get(arm, ())))
+                run_dir = out / "runs" / arm
+                export = ["--checkpoint", str(run_dir), "--adapter-only", "--out", str(adapter)]
+                stages.append(
+                    Stage(f"export_{arm}", "export_to_pytorch.py", export, (f"train_{arm}",))
+                )
+        return stages
 
-    def train(self) -> None:
-        for arm in self.args.arms:
-            adapter = self.out / "adapters" / arm
-            if adapter.exists():
-                continue
-            arguments = self.config_arguments(*arm_overrides(arm, self.out))
-            self.run(f"train_{arm}", "finetune.py", arguments)
-            run_dir = self.out / "runs" / arm
-            export = ["--checkpoint", str(run_dir), "--adapter-only", "--out", str(adapter)]
-            self.run(f"export_{arm}", "export_to_pytorch.py", export)
+    def run_all(self, stages: list[Stage]) -> None:
+        """Runs `stages`, up to --jobs at a time, each once all of its `after` that are in
+        `stages` have ended; on a failure no new stage starts and the first failure is raised
+        once the running ones end."""
+        if self.args.jobs == 1:
+            for stage in stages:
+                self.run(stage)
+            return
+        names = {stage.name for stage in stages}
+        waiting, running, ended = list(stages), {}, set()
+        failure: UserError | None = None
+        with concurrent.futures.ThreadPoolExecutor(self.args.jobs) as pool:
+            while True:
+                ready = [
+                    stage
+                    for stage in waiting
+                    if all(name in ended or name not in names for name in stage.after)
+                ]
+                for stage in ready[: self.args.jobs - len(running)] if failure is None else []:
+                    waiting.remove(stage)
+                    running[pool.submit(self.run, stage, parallel=True)] = stage
+                if not running:
+                    break
+                done, _ = concurrent.futures.wait(
+                    running, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for future in done:
+                    stage = running.pop(future)
+                    try:
+                        future.result()
+                        ended.add(stage.name)
+                    except UserError as error:
+                        failure = failure or error
+        if failure is not None:
+            raise failure
+
+    def run(self, stage: Stage, parallel: bool = False) -> None:
+        command = [sys.executable, str(SCRIPTS / stage.script), *stage.arguments]
+        text = shlex.join(["python", f"scripts/{stage.script}", *stage.arguments])
+        with self.lock:
+            print(f"\n[{stage.name}] {text}", file=sys.stderr, flush=True)
+            with open(self.out / "commands.txt", "a") as log:
+                log.write(text + "\n")
+        started = time.perf_counter()
+        if parallel:  # output to a log; each process takes device memory as it needs it
+            env = dict(os.environ)
+            if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env:
+                env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+            log_path = self.out / "logs" / f"{stage.name}.log"
+            log_path.parent.mkdir(exist_ok=True)
+            with open(log_path, "w") as log:
+                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            code = code.returncode
+        else:
+            code = subprocess.run(command).returncode
+        seconds = time.perf_counter() - started
+        if code != 0:
+            where = f"; its output: {log_path}" if parallel else ""
+            raise UserError(f"stage {stage.name} failed (exit {code}): {text}{where}")
+        with self.lock:
+            print(f"[{stage.name}] done in {seconds:.0f} s", file=sys.stderr, flush=True)
+            self.timings[stage.name] = round(self.timings.get(stage.name, 0) + seconds, 1)
+            if parallel:
+                self.timings["jobs"] = max(self.timings.get("jobs", 1), self.args.jobs)
+            self.timings_path.write_text(json.dumps(self.timings, indent=1) + "\n")
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -231,10 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     run_config_from_args(args)  # a bad --config or --set fails before any work
     stages = Stages(args)
-    if "prepare" in args.stages:
-        stages.prepare()
-    if "train" in args.stages:
-        stages.train()
+    stages.run_all(stages.pending())
     if "eval" in args.stages:
         evaluate(args)
     if "report" in args.stages:

@@ -110,13 +110,13 @@ def test_accuracy_script_end_to_end(base_dir, tmp_path):
         "--set", "data.validation=" + str(base_dir / "data.txt"),
         "--lengths", "512,1024", "--eval-tokens", "2048", "--passkey-trials", "3",
         "--batch-tokens", "2048", "--predictor-steps", "2", "--calibration-samples", "1",
-        "--arms", "lemo_predictor", "--out", str(out),
+        "--arms", "dense,lemo_predictor", "--out", str(out),
     ]  # fmt: skip
     (base_dir / "data.txt").write_text(TEXT * 8)
-    result = run_script("accuracy.py", *common, timeout=600)
+    result = run_script("accuracy.py", *common, "--jobs", "2", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    arms = ["base", "base_interpolated", "lemo_predictor"]
+    arms = ["base", "base_interpolated", "dense", "lemo_predictor"]
     assert sorted(results) == sorted(arms)
     for name in arms:
         assert results[name]["perplexity"]["512"]["predicted_tokens"] == 4 * 511
@@ -124,11 +124,22 @@ def test_accuracy_script_end_to_end(base_dir, tmp_path):
     # Fine-tuning changed the model; the interpolated base differs from the plain one.
     ppl = {name: results[name]["perplexity"]["1024"]["perplexity"] for name in arms}
     assert ppl["lemo_predictor"] != ppl["base_interpolated"] != ppl["base"]
-    assert (out / "adapters" / "lemo_predictor" / "adapter_model.safetensors").is_file()
+    for arm in ("dense", "lemo_predictor"):
+        assert (out / "adapters" / arm / "adapter_model.safetensors").is_file()
     assert "| lemo_predictor |" in (out / "accuracy.md").read_text()
     assert (out / "perplexity.png").stat().st_size > 1000
     commands = (out / "commands.txt").read_text().splitlines()
-    assert len(commands) == 1 + 2  # predictors, then train + export
+    # Calibration, predictors at its budgets, then per arm train + export, in dependency order
+    # although two stages ran at once (each logged in logs/).
+    order = ["calibrate_budgets", "train_predictor", "scorer=predictor"]
+    assert len(commands) == 2 + 2 * 2
+    where = [next(i for i, line in enumerate(commands) if text in line) for text in order]
+    assert where == sorted(where), commands
+    assert "lemo.predictor_architecture=heads" in commands[where[2]]
+    logs = sorted(path.stem for path in (out / "logs").iterdir())
+    assert logs == sorted(["calibrate", "predictors", "train_dense", "export_dense",
+                           "train_lemo_predictor", "export_lemo_predictor"])  # fmt: skip
+    assert json.loads((out / "timings.json").read_text())["jobs"] == 2
     again = run_script("accuracy.py", *common, "--stages", "prepare,train,report", timeout=300)
     assert again.returncode == 0 and (out / "commands.txt").read_text().splitlines() == commands
     bad = run_script("accuracy.py", "--arms", "dense,sparse", "--out", str(out))
