@@ -40,6 +40,7 @@ from pathlib import Path
 import jax
 
 from lemo_jax.configs.cli import add_run_config_arguments, run_config_from_args
+from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.data import corpus_fingerprint, load_documents
 from lemo_jax.errors import UserError, run_cli
 from lemo_jax.eval.accuracy import (
@@ -325,7 +326,9 @@ def report(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    run_config_from_args(args)  # a bad --config or --set fails before any work
+    config = run_config_from_args(args)  # a bad --config or --set fails before any work
+    for arm in args.arms:  # and so does one that only an arm's settings make invalid
+        apply_overrides(config, arm_overrides(arm, args.out))
     stages = Stages(args)
     stages.run_all(stages.pending())
     if "eval" in args.stages:

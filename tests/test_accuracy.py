@@ -110,8 +110,14 @@ def test_accuracy_script_end_to_end(base_dir, tmp_path):
         "--set", "data.validation=" + str(base_dir / "data.txt"),
         "--lengths", "512,1024", "--eval-tokens", "2048", "--passkey-trials", "3",
         "--batch-tokens", "2048", "--predictor-steps", "2", "--calibration-samples", "1",
-        "--arms", "dense,lemo_predictor", "--out", str(out),
+        "--arms", "dense,lemo_predictor",
     ]  # fmt: skip
+    # The recipe's 40 dense final steps do not fit in 2: refused before any stage runs.
+    short = run_script("accuracy.py", *common, "--out", str(tmp_path / "short"), timeout=300)
+    assert short.returncode == 2, short.stderr[-2000:]
+    assert "lemo.dense_final_steps=40 must be less than train.steps=2" in short.stderr
+    assert not (tmp_path / "short").exists()
+    common += ["--set", "lemo.dense_final_steps=1", "--out", str(out)]
     (base_dir / "data.txt").write_text(TEXT * 8)
     result = run_script("accuracy.py", *common, "--jobs", "2", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -140,6 +146,7 @@ def test_accuracy_script_end_to_end(base_dir, tmp_path):
     assert logs == sorted(["calibrate", "predictors", "train_dense", "export_dense",
                            "train_lemo_predictor", "export_lemo_predictor"])  # fmt: skip
     assert json.loads((out / "timings.json").read_text())["jobs"] == 2
+    assert "LeMo: dense from step 2 of 2" in (out / "logs" / "train_lemo_predictor.log").read_text()
     again = run_script("accuracy.py", *common, "--stages", "prepare,train,report", timeout=300)
     assert again.returncode == 0 and (out / "commands.txt").read_text().splitlines() == commands
     bad = run_script("accuracy.py", "--arms", "dense,sparse", "--out", str(out))

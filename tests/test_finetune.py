@@ -1,6 +1,7 @@
 """scripts/finetune.py and the training loop: end to end, resume, signals, bad input."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,3 +145,36 @@ def test_full_fine_tuning_without_loss_chunking(tmp_path, text_file):
     assert result.completed and result.validation_loss < 10
     losses = train_losses(tmp_path / "run")
     assert losses[3] < losses[1]  # full fine-tuning at lr 3e-3 learns within 3 steps
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lemo_dense_final_steps_end_the_run_dense_and_resume_inside_the_tail(tmp_path, text_file):
+    # 4 blocks of 16 tokens, half kept in every layer; steps 5 and 6 run dense.
+    lemo = ["lemo.enabled=true", "lemo.block_size=16", "lemo.schedule=uniform:0.5"]
+    lemo += ["lemo.bucket_blocks=1", "checkpoint.keep=6"]
+    fields = {"train.steps": 6, "checkpoint.every": 1}
+    sets = [*tiny_overrides(tmp_path, text_file, **fields), *lemo]
+    base = apply_overrides(get_run_config("tiny"), sets)
+    sparse = apply_overrides(base, [f"output_dir={tmp_path / 'sparse'}"])
+    run_training(sparse, show_progress=False)
+    tail = apply_overrides(base, [f"output_dir={tmp_path / 'tail'}", "lemo.dense_final_steps=2"])
+    run_training(tail, show_progress=False)
+
+    kept = {r["step"]: r["kept_fraction"] for r in records(tmp_path / "tail") if "loss" in r}
+    assert all(kept[step] < 1 for step in range(1, 5)), kept
+    assert kept[5] == kept[6] == 1.0
+    sparse_losses, tail_losses = train_losses(tmp_path / "sparse"), train_losses(tmp_path / "tail")
+    assert [tail_losses[s] for s in range(1, 5)] == [sparse_losses[s] for s in range(1, 5)]
+    assert tail_losses[5] != sparse_losses[5] and tail_losses[6] != sparse_losses[6]
+
+    # Resumed inside the tail (only the dense step compiles) and before it (both do).
+    for last_kept in (5, 3):
+        for checkpoint in (tmp_path / "tail" / "checkpoints").iterdir():
+            if int(checkpoint.name) > last_kept:
+                shutil.rmtree(checkpoint)
+        resumed = run_training(tail, show_progress=False)
+        assert resumed.step == 6 and resumed.completed
+        assert train_losses(tmp_path / "tail") == tail_losses

@@ -59,6 +59,15 @@ def test_bad_overrides(tmp_path, text_file, assignment, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_dense_tail_as_long_as_the_run_is_refused(tmp_path, text_file):
+    args = tiny_args(tmp_path, text_file, "lemo.enabled=true", "lemo.dense_final_steps=2")
+    with pytest.raises(UserError, match=r"dense_final_steps=2 must be less than train.steps=2"):
+        finetune.main(args)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match=r"lemo.dense_final_steps=-1 must be >= 0"):
+        finetune.main(tiny_args(tmp_path, text_file, "lemo.dense_final_steps=-1"))
+
+
 def test_missing_empty_and_short_data(tmp_path):
     with pytest.raises(UserError, match="not found"):
         finetune.main(tiny_args(tmp_path, tmp_path / "missing.txt"))

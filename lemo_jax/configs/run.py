@@ -192,3 +192,10 @@ class RunConfig:
     mesh: MeshSection = MeshSection()
     export_after: bool = False  # write a Hugging Face model to OUTPUT_DIR/hf at the end
     perplexity_before_after: bool = False  # dense validation perplexity before and after
+
+    def __post_init__(self):
+        _check(
+            not self.lemo.enabled or self.lemo.dense_final_steps < self.train.steps,
+            f"lemo.dense_final_steps={self.lemo.dense_final_steps} must be less than "
+            f"train.steps={self.train.steps} (some steps must eliminate tokens)",
+        )

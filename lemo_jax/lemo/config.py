@@ -139,6 +139,12 @@ class LemoConfig:
     # to live at once (`merge_single_layer_groups`). False runs such a layer on its own, so
     # its neighbour keeps eliminating.
     merge_lone_layers: bool = True
+    # The last this many training steps run dense (no elimination), so the adapters end on the
+    # dense forward pass they are evaluated and served with; fewer than train.steps. Training
+    # with elimination and evaluating densely is a mismatch (DeepSpeed's random-LTD grows its
+    # kept length back to the full sequence by the end of training for the same reason); the
+    # dense steps cost the dense step's time and memory. 0: every step eliminates.
+    dense_final_steps: int = 0
 
     def __post_init__(self):
         _check(
@@ -182,6 +188,10 @@ class LemoConfig:
         _check(
             self.kernels != "pallas" or self.block_size & (self.block_size - 1) == 0,
             f"lemo.kernels=pallas needs a power-of-two lemo.block_size, got {self.block_size}",
+        )
+        _check(
+            self.dense_final_steps >= 0,
+            f"lemo.dense_final_steps={self.dense_final_steps} must be >= 0",
         )
         _check(
             self.keep_first_blocks >= 0,

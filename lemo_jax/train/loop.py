@@ -123,7 +123,14 @@ class _Session:
         count = train.eval_batches * train.batch_size
         return evaluate(self.eval_step, state, self.validation_windows, count, put)
 
-    def compile_step(self, state: TrainState):
+    def is_dense(self, step: int) -> bool:
+        """Whether training step `step` (1-based) runs without elimination: always without
+        LeMo, and in the last `lemo.dense_final_steps` steps with it."""
+        if self.plan is None:
+            return True
+        return step > self.config.train.steps - self.config.lemo.dense_final_steps
+
+    def compile_step(self, state: TrainState, dense: bool = False):
         train = self.config.train
         use_dropout = train.method == "lora" and self.config.lora.dropout > 0
         step = make_train_step(
@@ -132,7 +139,7 @@ class _Session:
             self.schedule,
             train,
             use_dropout=use_dropout,
-            plan=self.plan,
+            plan=None if dense else self.plan,
             shardings=self.shardings,
         )
         shape = (train.grad_accum, train.batch_size, train.seq_len)
@@ -142,12 +149,13 @@ class _Session:
         self, state: TrainState, record: dict, log: MetricsLog, stop: StopRequest
     ) -> tuple[TrainState, dict]:
         config, train = self.config, self.config.train
-        compiled = self.compile_step(state)
-        self.log_budgets(log, int(state.step))
-        estimate = compiled_memory_gib(compiled)
+        start, position = int(state.step), int(record["data_position"])
+        # One executable per kind of step, compiled when first needed (a LeMo run with a dense
+        # tail compiles the dense step when it reaches it, or at once when resumed inside it).
+        compiled: dict[bool, jax.stages.Compiled] = {}
+        self.log_budgets(log, start)
         sampler = ShuffledSampler(len(self.train_windows), train.seed)
         per_step = train.grad_accum * train.batch_size
-        start, position = int(state.step), int(record["data_position"])
         progress = tqdm(
             total=train.steps,
             initial=start,
@@ -163,7 +171,12 @@ class _Session:
             if self.shardings is not None:  # every process reads the global batch
                 batch = global_array(batch, self.shardings.batch)
             position += per_step
-            state, metrics = compiled(state, batch)
+            dense = self.is_dense(step)
+            if dense not in compiled:
+                if dense and self.plan is not None:
+                    print(f"LeMo: dense from step {step} of {train.steps}", file=sys.stderr)
+                compiled[dense] = self.compile_step(state, dense)
+            state, metrics = compiled[dense](state, batch)
             # Read the stop flag once: a signal arriving later in this iteration is seen in the
             # next one, so a step is never left without its checkpoint.
             stopping = stop.requested is not None
@@ -174,8 +187,12 @@ class _Session:
                 metrics["tokens_per_s"] = metrics["tokens"] * (step - last_step) / (now - last_time)
                 last_time, last_step = now, step
                 peak = peak_device_memory_gib()
-                metrics["memory_gib"] = peak if peak is not None else estimate
-                metrics["kept_fraction"] = self.kept_fraction
+                if peak is None:  # no device statistics (CPU): the compiled estimate
+                    peak_or_estimate = compiled_memory_gib(compiled[dense])
+                else:
+                    peak_or_estimate = peak
+                metrics["memory_gib"] = peak_or_estimate
+                metrics["kept_fraction"] = 1.0 if dense else self.kept_fraction
                 log.write(dict(step=step, **metrics))
                 progress.set_postfix(_postfix(metrics, peak is not None), refresh=False)
             if train.eval_every and step % train.eval_every == 0 and not is_last:
