@@ -186,15 +186,12 @@ class _Session:
                 now = time.perf_counter()
                 metrics["tokens_per_s"] = metrics["tokens"] * (step - last_step) / (now - last_time)
                 last_time, last_step = now, step
-                peak = peak_device_memory_gib()
-                if peak is None:  # no device statistics (CPU): the compiled estimate
-                    peak_or_estimate = compiled_memory_gib(compiled[dense])
-                else:
-                    peak_or_estimate = peak
-                metrics["memory_gib"] = peak_or_estimate
+                peak = peak_device_memory_gib()  # None without device statistics (CPU)
+                is_peak = peak is not None
+                metrics["memory_gib"] = peak if is_peak else compiled_memory_gib(compiled[dense])
                 metrics["kept_fraction"] = 1.0 if dense else self.kept_fraction
                 log.write(dict(step=step, **metrics))
-                progress.set_postfix(_postfix(metrics, peak is not None), refresh=False)
+                progress.set_postfix(_postfix(metrics, is_peak), refresh=False)
             if train.eval_every and step % train.eval_every == 0 and not is_last:
                 log.write(dict(step=step, validation_loss=self.validation_loss(state)))
             progress.update(1)
