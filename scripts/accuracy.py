@@ -305,8 +305,10 @@ def report(args: argparse.Namespace) -> None:
     config = run_config_from_args(args)
     timings_path = args.out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    table = markdown_table(results, reference="dense" if "dense" in results else None)
-    plot_perplexity(results, args.out / "perplexity.png", title=f"{config.name}: perplexity")
+    reference = "dense" if "dense" in results else None
+    table = markdown_table(results, reference=reference)
+    title = f"{config.name}: perplexity"
+    plot_perplexity(results, args.out / "perplexity.png", title=title, reference=reference)
     some = next(iter(results.values()))
     windows = {k: v["num_windows"] for k, v in some["perplexity"].items()}
     train = config.train

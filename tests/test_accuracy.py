@@ -4,8 +4,10 @@ adapters in, and scripts/accuracy.py end to end on a tiny pretrained-format mode
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,12 +16,14 @@ from run_scripts import run_script
 from transformers import AutoTokenizer
 
 from lemo_jax.configs.model import LoraConfig
+from lemo_jax.configs.run import ModelSection
 from lemo_jax.errors import UserError
 from lemo_jax.eval.passkey import make_trials, score_trials
 from lemo_jax.eval.perplexity import long_document_windows
 from lemo_jax.io import load_pretrained, load_tokenizer
 from lemo_jax.io.export import export_peft_adapter
 from lemo_jax.io.peft_adapter import apply_peft_adapter, peft_lora_config
+from lemo_jax.train.setup import build_model
 
 TEXT = "def passkey(value):\n    return value + 1  # the grass is green. The sky is blue.\n" * 40
 
@@ -151,3 +155,39 @@ def test_accuracy_script_end_to_end(base_dir, tmp_path):
     assert again.returncode == 0 and (out / "commands.txt").read_text().splitlines() == commands
     bad = run_script("accuracy.py", "--arms", "dense,sparse", "--out", str(out))
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_committed_adapters_fit_the_smollm2_shape():
+    """docs/accuracy/adapters: every arm's PEFT adapter loads into a SmolLM2-135M-shaped model
+    (random base weights: only names and shapes matter here) and is trained (B != 0)."""
+    arms = sorted(path.name for path in (DOCS / "accuracy" / "adapters").iterdir())
+    assert arms == ["dense", "lemo_calibrated", "lemo_oracle", "lemo_predictor"]
+    section = ModelSection(init="random", preset="smollm2_135m", compute_dtype="float32")
+    lora = peft_lora_config(DOCS / "accuracy" / "adapters" / arms[0])
+    assert (lora.rank, len(lora.targets)) == (8, 7)
+    model, _ = build_model(section, lora, seq_len=128, seed=0)
+    for arm in arms:
+        apply_peft_adapter(model, DOCS / "accuracy" / "adapters" / arm)
+        assert float(jnp.abs(model.layers.attention.q_proj.lora_b[...]).max()) > 0, arm
+
+
+def test_accuracy_doc_table_is_the_committed_results():
+    """The Result table of docs/ACCURACY.md states docs/accuracy/results.json's numbers."""
+    results = json.loads((DOCS / "accuracy" / "results.json").read_text())
+    text = (DOCS / "ACCURACY.md").read_text()
+    table = text[text.index("## Result") :].split("\n\n")[1].splitlines()
+    rows = [line.split("|")[2:-1] for line in table[2:]]
+    assert len(rows) == len(results)
+    dense = results["dense"]["perplexity"]
+    for cells, result in zip(rows, results.values(), strict=True):
+        lengths = sorted(result["perplexity"], key=int)
+        ppl = [result["perplexity"][n]["perplexity"] for n in lengths]
+        passkey = [result["passkey"][n]["accuracy"] for n in lengths]
+        assert [float(c) for c in cells[:4]] == [round(p, 3) for p in ppl]
+        assert [c.strip() for c in cells[4:8]] == [f"{a:.0%}" for a in passkey]
+        ratio = max(p / dense[n]["perplexity"] for p, n in zip(ppl, lengths, strict=True))
+        stated = cells[8].strip().strip("*")
+        assert float(stated) == round(ratio, len(stated.split(".")[1]))

@@ -149,26 +149,47 @@ def markdown_table(results: dict, *, reference: str | None = "dense") -> str:
     return "\n".join(lines)
 
 
-def plot_perplexity(results: dict, path: Path, *, title: str) -> None:
-    """Perplexity against context length, one line per arm (log-scaled axes)."""
+def plot_perplexity(
+    results: dict, path: Path, *, title: str, reference: str | None = None, bound: float = 1.02
+) -> None:
+    """Perplexity against context length, one line per arm (log-scaled axes); with `reference`
+    (an arm in `results`), a second panel with every fine-tuned arm's perplexity over the
+    reference's and a dashed line at `bound`."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, result in results.items():
-        lengths = sorted(int(k) for k in result["perplexity"])
-        values = [result["perplexity"][str(n)]["perplexity"] for n in lengths]
-        axis.plot(lengths, values, marker="o", label=name)
-    axis.set_xscale("log", base=2)
+    compare = reference is not None and reference in results
+    figure, axes = plt.subplots(1, 2 if compare else 1, figsize=(12 if compare else 7, 4.5))
+    axis = axes[0] if compare else axes
+    lengths = sorted(int(k) for k in results[next(iter(results))]["perplexity"])
+
+    def perplexity(name: str) -> list[float]:
+        return [results[name]["perplexity"][str(n)]["perplexity"] for n in lengths]
+
+    for name in results:
+        axis.plot(lengths, perplexity(name), marker="o", label=name)
     axis.set_yscale("log")
-    axis.set_xticks(lengths, [_k(n) for n in lengths])
-    axis.set_xlabel("context length (tokens)")
     axis.set_ylabel("perplexity (held-out documents)")
     axis.set_title(title)
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
+    if compare:
+        ratio_axis, base = axes[1], perplexity(reference)
+        for index, name in enumerate(results):
+            if results[name].get("adapter") is None or name == reference:
+                continue  # base rows: off this scale
+            ratio = [value / ref for value, ref in zip(perplexity(name), base, strict=True)]
+            ratio_axis.plot(lengths, ratio, marker="o", label=name, color=f"C{index}")
+        ratio_axis.axhline(1.0, color="C2", linewidth=1, label=reference)
+        ratio_axis.axhline(bound, color="gray", linestyle="--", linewidth=1, label=f"{bound}")
+        ratio_axis.set_ylabel(f"perplexity / {reference}'s")
+        ratio_axis.set_title(f"fine-tuned arms against {reference}")
+    for each in axes if compare else [axes]:
+        each.set_xscale("log", base=2)
+        each.set_xticks(lengths, [_k(n) for n in lengths])
+        each.set_xlabel("context length (tokens)")
+        each.grid(True, which="both", alpha=0.3)
+        each.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
