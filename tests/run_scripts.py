@@ -16,7 +16,9 @@ def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.Complete
 
 def load_script(name: str):
     """scripts/NAME.py imported as a module (for its functions; `main` is not run)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module_name = f"_lemo_script_{name}"  # never a real module's name
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module

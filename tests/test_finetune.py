@@ -79,9 +79,14 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, text_file):
     split = apply_overrides(base, [f"output_dir={tmp_path / 'split'}", "train.steps=5"])
     first = run_training(split, show_progress=False)
     assert first.step == 5 and first.completed
-    resumed = run_training(apply_overrides(split, ["train.steps=8"]), show_progress=False)
+    # Resumed where the directory was moved to.
+    (tmp_path / "split").rename(tmp_path / "moved")
+    moved = apply_overrides(split, ["train.steps=8", f"output_dir={tmp_path / 'moved'}"])
+    resumed = run_training(moved, show_progress=False)
     assert resumed.step == 8
-    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "whole")
+    assert train_losses(tmp_path / "moved") == train_losses(tmp_path / "whole")
+    saved = json.loads((tmp_path / "moved" / "run_config.json").read_text())
+    assert saved["output_dir"] == str(tmp_path / "moved")
 
 
 def test_sigint_saves_and_the_same_command_resumes(tmp_path, text_file):

@@ -23,10 +23,12 @@ from lemo_jax.model.llama import Llama
 from lemo_jax.train.sharding import build_sharded
 
 RUN_CONFIG_FILE = "run_config.json"
-# Fields that may change when a run is resumed: how long it runs and how it reports, not what
-# it computes.
+# Fields that may change when a run is resumed: where it lives, how long it runs and how it
+# reports, not what its steps so far computed.
 RESUMABLE_CHANGES = (
+    "output_dir",  # a run directory may be moved or copied and resumed there
     "train.steps",
+    "lemo.dense_final_steps",  # like train.steps, it only decides the steps still to run
     "train.eval_every",
     "train.eval_batches",
     "train.log_every",
