@@ -41,6 +41,7 @@ import jax
 
 from lemo_jax.configs.cli import add_run_config_arguments, run_config_from_args
 from lemo_jax.configs.overrides import apply_overrides
+from lemo_jax.configs.runs import get_run_config
 from lemo_jax.data import corpus_fingerprint, load_documents
 from lemo_jax.errors import UserError, run_cli
 from lemo_jax.eval.accuracy import (
@@ -328,9 +329,11 @@ def report(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    config = run_config_from_args(args)  # a bad --config or --set fails before any work
-    for arm in args.arms:  # and so does one that only an arm's settings make invalid
-        apply_overrides(config, arm_overrides(arm, args.out))
+    run_config_from_args(args)  # a bad --config or --set fails before any work
+    for arm in args.arms:  # and so do the assignments an arm's training stage is given
+        apply_overrides(
+            get_run_config(args.config), [*args.overrides, *arm_overrides(arm, args.out)]
+        )
     stages = Stages(args)
     stages.run_all(stages.pending())
     if "eval" in args.stages:

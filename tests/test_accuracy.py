@@ -121,6 +121,11 @@ def test_accuracy_script_end_to_end(base_dir, tmp_path):
     with pytest.raises(UserError, match=refused):
         load_script("accuracy").main([*common, "--out", str(tmp_path / "short")])
     assert not (tmp_path / "short").exists()
+    # An assignment that an arm's training stage would get twice is refused up front too.
+    twice = ["--set", "lemo.scorer=oracle", "--out", str(tmp_path / "twice")]
+    with pytest.raises(UserError, match=r"lemo\.scorer is set twice"):
+        load_script("accuracy").main([*common, *twice])
+    assert not (tmp_path / "twice").exists()
     common += ["--set", "lemo.dense_final_steps=1", "--out", str(out)]
     (base_dir / "data.txt").write_text(TEXT * 8)
     result = run_script("accuracy.py", *common, "--jobs", "2", timeout=900)

@@ -161,8 +161,10 @@ def plot_perplexity(
     from matplotlib import pyplot as plt
 
     compare = reference is not None and reference in results
-    figure, axes = plt.subplots(1, 2 if compare else 1, figsize=(12 if compare else 7, 4.5))
-    axis = axes[0] if compare else axes
+    size = (12, 4.5) if compare else (7, 4.5)
+    figure, axes = plt.subplots(1, 2 if compare else 1, figsize=size, squeeze=False)
+    axes = axes[0]
+    axis = axes[0]
     lengths = sorted(int(k) for k in results[next(iter(results))]["perplexity"])
 
     def perplexity(name: str) -> list[float]:
@@ -180,11 +182,12 @@ def plot_perplexity(
                 continue  # base rows: off this scale
             ratio = [value / ref for value, ref in zip(perplexity(name), base, strict=True)]
             ratio_axis.plot(lengths, ratio, marker="o", label=name, color=f"C{index}")
-        ratio_axis.axhline(1.0, color="C2", linewidth=1, label=reference)
+        color = f"C{list(results).index(reference)}"  # the reference's colour on the left
+        ratio_axis.axhline(1.0, color=color, linewidth=1, label=reference)
         ratio_axis.axhline(bound, color="gray", linestyle="--", linewidth=1, label=f"{bound}")
         ratio_axis.set_ylabel(f"perplexity / {reference}'s")
         ratio_axis.set_title(f"fine-tuned arms against {reference}")
-    for each in axes if compare else [axes]:
+    for each in axes:
         each.set_xscale("log", base=2)
         each.set_xticks(lengths, [_k(n) for n in lengths])
         each.set_xlabel("context length (tokens)")

@@ -141,9 +141,9 @@ class LemoConfig:
     merge_lone_layers: bool = True
     # The last this many training steps run dense (no elimination), so the adapters end on the
     # dense forward pass they are evaluated and served with; fewer than train.steps. Training
-    # with elimination and evaluating densely is a mismatch (DeepSpeed's random-LTD grows its
-    # kept length back to the full sequence by the end of training for the same reason); the
-    # dense steps cost the dense step's time and memory. 0: every step eliminates.
+    # with elimination and evaluating densely is a mismatch (DeepSpeed's random-LTD likewise
+    # grows its kept length back to the full sequence over training); the dense steps cost
+    # the dense step's time and memory. 0: every step eliminates.
     dense_final_steps: int = 0
 
     def __post_init__(self):

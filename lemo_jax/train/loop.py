@@ -150,9 +150,11 @@ class _Session:
     ) -> tuple[TrainState, dict]:
         config, train = self.config, self.config.train
         start, position = int(state.step), int(record["data_position"])
-        # One executable per kind of step, compiled when first needed (a LeMo run with a dense
-        # tail compiles the dense step when it reaches it, or at once when resumed inside it).
+        # One executable per kind of step, with its compiled memory estimate, compiled when
+        # first needed (a LeMo run with a dense tail compiles the dense step when it reaches
+        # it, or at once when resumed inside it).
         compiled: dict[bool, jax.stages.Compiled] = {}
+        estimate: dict[bool, float] = {}
         self.log_budgets(log, start)
         sampler = ShuffledSampler(len(self.train_windows), train.seed)
         per_step = train.grad_accum * train.batch_size
@@ -176,6 +178,7 @@ class _Session:
                 if dense and self.plan is not None:
                     print(f"LeMo: dense from step {step} of {train.steps}", file=sys.stderr)
                 compiled[dense] = self.compile_step(state, dense)
+                estimate[dense] = compiled_memory_gib(compiled[dense])
             state, metrics = compiled[dense](state, batch)
             # Read the stop flag once: a signal arriving later in this iteration is seen in the
             # next one, so a step is never left without its checkpoint.
@@ -188,7 +191,7 @@ class _Session:
                 last_time, last_step = now, step
                 peak = peak_device_memory_gib()  # None without device statistics (CPU)
                 is_peak = peak is not None
-                metrics["memory_gib"] = peak if is_peak else compiled_memory_gib(compiled[dense])
+                metrics["memory_gib"] = peak if is_peak else estimate[dense]
                 metrics["kept_fraction"] = 1.0 if dense else self.kept_fraction
                 log.write(dict(step=step, **metrics))
                 progress.set_postfix(_postfix(metrics, is_peak), refresh=False)
