@@ -1,9 +1,13 @@
 """Bad input to finetune.py / export_to_pytorch.py: one clear line, non-zero exit, nothing lost."""
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from run_scripts import load_script, run_script
+from run_scripts import ROOT, load_script, run_script
 
 from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.configs.runs import get_run_config
@@ -127,3 +131,24 @@ def test_export_errors(tmp_path, text_file):
     with pytest.raises(UserError, match="damaged"):
         export.main(["--checkpoint", str(run), "--step", "2", "--out", str(tmp_path / "b")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_closed_stdout_ends_quietly_and_sigpipe_keeps_pythons_handling():
+    """`finetune.py --list-configs | head -1` exits 141 without a traceback. The scripts must not
+    restore SIGPIPE's default action: that would also kill a run when an asyncio self-pipe in
+    Orbax's checkpoint threads meets a closed peer (the process died with -13 mid-save)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--list-configs"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 128 + signal.SIGPIPE, result.stderr
+    assert result.stderr == ""
