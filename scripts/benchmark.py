@@ -21,9 +21,10 @@ Each measurement prints one JSON line per mode and length:
   `dense`'s follows the JSON lines (and `--plot FILE.png` draws them against tokens).
 
 - `max-context` finds, per mode, the longest sequence (a multiple of --context-step tokens, up to
-  the largest of --seq-lens) whose training step runs: a bisection whose probes each run one
-  real step in a fresh process. For our modes a probe whose compiled memory already exceeds
-  the device's (or --memory-limit-gib) fails without running.
+  the largest of --seq-lens) whose training step runs. For our modes the compiled step's memory
+  against the device's (or --memory-limit-gib) places the boundary first, by compiles only (it
+  grows linearly in tokens: about four compiles); one real step in a fresh process then
+  confirms it, and a step that runs out of memory moves it down. `hf_peft` bisects real steps.
 
 Modes: `dense` and `lemo` are ours (LeMo off / on, everything else from the configuration);
 `lemo_predictor` is LeMo with the predictor scorer (untrained predictors of the right shape
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,6 +52,7 @@ from lemo_jax.train.memory import compiled_step_memory
 from lemo_jax.train.timing import model_flops_per_step
 
 MODES = ("hf_peft", "dense", "lemo", "lemo_predictor")
+OUT_OF_MEMORY = "out of memory"  # a probe's error when the step does not fit
 
 
 def mode_config(base, mode: str, seq_len: int):
@@ -183,37 +186,90 @@ def _memory_limit_gib(args: argparse.Namespace) -> float | None:
 
 
 def _max_context(args: argparse.Namespace, base, mode: str) -> dict:
-    """Bisection over multiples of --context-step for the longest length whose step runs."""
+    """The longest multiple of --context-step (up to the largest --seq-lens) whose step runs.
+
+    For our modes the compiled memory of the step, which grows linearly in tokens and is what
+    the allocator must find, places the boundary first: compiles only, each guess interpolated
+    from the two nearest compiled lengths, so a few compiles land on it. Then real steps, each in
+    a fresh process, confirm it from there downwards (one step when the compiled estimate was
+    right). `hf_peft` has no compiled program: a bisection of real steps. A probe that fails
+    for any reason other than memory ends the search with its error."""
     unit, limit = args.context_step, _memory_limit_gib(args)
+    top = max(parse_lengths(args.seq_lens)) // unit
     probes = []
+    failure = {}
+
+    def compiled_gib(units: int) -> float:
+        config = mode_config(base, mode, units * unit)
+        estimate = compiled_step_memory(config)["total_gib"]
+        probes.append(dict(seq_len=units * unit, fits=estimate <= limit, compiled_gib=estimate))
+        return estimate
 
     def runs(units: int) -> bool:
-        seq_len = units * unit
-        config = mode_config(base, mode, seq_len)
-        if mode != "hf_peft" and limit is not None:
-            estimate = compiled_step_memory(config)["total_gib"]
-            if estimate > limit:
-                probes.append(dict(seq_len=seq_len, fits=False, compiled_gib=estimate))
-                return False
-        result = _in_child_process(args, seq_len, mode)
-        ok = "error" not in result
+        if failure:
+            return False
+        result = _in_child_process(args, units * unit, mode)
         kept = {key: result[key] for key in ("peak_gib", "step_s", "error") if key in result}
-        probes.append(dict(seq_len=seq_len, fits=ok, **kept))
-        return ok
+        probes.append(dict(seq_len=units * unit, fits="error" not in result, **kept))
+        if "error" in result and result["error"] != OUT_OF_MEMORY:
+            failure.update(error=f"{units * unit} tokens: {result['error']}")
+        return "error" not in result
 
-    low, high = 0, max(parse_lengths(args.seq_lens)) // unit
-    while low < high:  # invariant: low units run (0 trivially), more than high do not
-        middle = (low + high + 1) // 2
-        if runs(middle):
-            low = middle
-        else:
-            high = middle - 1
+    if mode != "hf_peft" and limit is not None:
+        high = _largest_within(compiled_gib, limit, top)
+        best = high if high == 0 or runs(high) else _largest_true(runs, 0, high - 1)
+    else:
+        best = _largest_true(runs, 0, top)
     return dict(
-        max_tokens=low * unit,
-        searched_up_to=max(parse_lengths(args.seq_lens)),
+        **failure,
+        max_tokens=best * unit,
+        searched_up_to=top * unit,
         memory_limit_gib=limit,
         probes=probes,
     )
+
+
+def _largest_true(predicate, low: int, high: int) -> int:
+    """The largest n in [low, high] with predicate(n), for a predicate true up to some point
+    and false after it; `low` is assumed true (0 trivially). The first probe is `high`."""
+    if high > low and predicate(high):
+        return high
+    high -= 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if predicate(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _largest_within(value, limit: float, top: int) -> int:
+    """The largest n in [0, top] with value(n) <= limit (0 when none), for value increasing and
+    close to linear in n. Each probe follows the line through the nearest known values on
+    either side of the boundary, or through the two nearest above it while none is known below;
+    a halving step when only one value is known or when probes keep landing below (the line
+    creeping up a convex value), so a linear value takes about four probes whatever the range."""
+    if top == 0:
+        return 0
+    known = {top: value(top)}
+    if known[top] <= limit:
+        return top
+    low, high, landed_below = 0, top, 0
+    while high - low > 1:
+        a, b = (low, high) if low in known else sorted(known)[:2] if len(known) > 1 else (0, 0)
+        interpolate = a != b and known[b] > known[a] and landed_below < 3
+        if interpolate:  # 1e-9: a boundary the line hits exactly is not lost to rounding
+            guess = a + math.floor((limit - known[a]) * (b - a) / (known[b] - known[a]) + 1e-9)
+        else:
+            guess = (low + high) // 2
+        guess = min(max(guess, low + 1), high - 1)
+        known[guess] = value(guess)
+        if known[guess] <= limit:
+            low, landed_below = guess, landed_below + interpolate
+        else:
+            high, landed_below = guess, 0
+    return low
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -340,8 +396,10 @@ def _in_child_process(args: argparse.Namespace, seq_len: int, mode: str) -> dict
         return {key: row[key] for key in row if key not in ("config", "mode", "seq_len")}
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line.split(":")[0]] or lines or ["failed"]
-    out_of_memory = "RESOURCE_EXHAUSTED: Out of memory" in result.stderr
-    return dict(error="out of memory" if out_of_memory else errors[-1][:500])
+    out_of_memory = (
+        "RESOURCE_EXHAUSTED" in result.stderr or "out of memory" in result.stderr.lower()
+    )
+    return dict(error=OUT_OF_MEMORY if out_of_memory else errors[-1][:500])
 
 
 if __name__ == "__main__":

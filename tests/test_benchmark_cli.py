@@ -1,11 +1,13 @@
 """scripts/benchmark.py and scripts/bench_kernels.py: JSON lines, tables, plots, errors."""
 
+import argparse
 import json
 import math
 
 import pytest
 from run_scripts import load_script, run_script
 
+from lemo_jax.configs.runs import get_run_config
 from lemo_jax.errors import UserError
 
 TINY_LEMO = ["--set", "lemo.schedule=uniform:0.5", "--set", "lemo.block_size=16"]
@@ -196,6 +198,77 @@ def test_the_peer_has_no_compiled_memory():
     assert result.stderr.strip() == (
         "error: --modes hf_peft has no compiled program; use --measure step-time"
     )
+
+
+def test_boundary_searches_find_the_exact_boundary_for_every_monotone_shape():
+    benchmark = load_script("benchmark")
+    shapes = {
+        "linear": lambda n: 10.0 + 0.4 * n,
+        "convex": lambda n: 10.0 + 0.004 * n * n,
+        "concave": lambda n: 10.0 + 6.0 * math.sqrt(n),
+        "step": lambda n: 10.0 if n < 50 else 1000.0,
+    }
+    for name, shape in shapes.items():
+        for limit in (9.0, 10.0, 30.0, 40.1, 60.0, 1e6):
+            for top in (0, 1, 2, 7, 75, 128):
+                expected = max([n for n in range(top + 1) if shape(n) <= limit], default=0)
+                calls = []
+                found = benchmark._largest_within(
+                    lambda n, calls=calls, shape=shape: calls.append(n) or shape(n), limit, top
+                )
+                assert found == expected, (name, limit, top)
+                assert len(calls) == len(set(calls)) and all(0 < n <= top for n in calls)
+                if name == "linear":  # interpolation lands on it
+                    assert len(calls) <= 4, (limit, top, calls)
+                calls = []
+                found = benchmark._largest_true(
+                    lambda n, calls=calls, shape=shape, limit=limit: (
+                        calls.append(n) or shape(n) <= limit
+                    ),
+                    0,
+                    top,
+                )
+                assert found == expected, (name, limit, top)
+                assert len(calls) <= 2 + math.ceil(math.log2(top + 1))
+                assert not calls or calls[0] == top  # the likeliest answer first
+
+
+def test_max_context_confirms_the_compiled_boundary_with_one_real_step(monkeypatch):
+    """Compiles place the boundary, one real step (in its own process) confirms it; a real
+    step that runs out of memory moves it down; any other failure ends the search with it."""
+    benchmark = load_script("benchmark")
+    args = argparse.Namespace(seq_lens="65536", context_step=4096, memory_limit_gib=50.0)
+    monkeypatch.setattr(
+        benchmark,
+        "compiled_step_memory",
+        lambda config: {"total_gib": 2.0 + config.train.seq_len / 1024 * 0.5},
+    )
+    # 2 + 0.5 x 96 = 50 GiB: 98,304 tokens would be the boundary; the search stops at 65,536.
+    real = {}
+    monkeypatch.setattr(benchmark, "_in_child_process", lambda a, n, m: real[n](n))
+    base = get_run_config("tiny")
+
+    def row():
+        return benchmark._max_context(args, base, "dense")
+
+    real.update({65536: lambda n: {"step_s": 1.0, "peak_gib": 35.0}})
+    assert row()["max_tokens"] == 65536
+
+    args.memory_limit_gib = 26.0  # 2 + 0.5 x 48: 49,152 tokens, 12 units
+    real.update({49152: lambda n: {"step_s": 1.0, "peak_gib": 25.9}})
+    result = row()
+    assert result["max_tokens"] == 49152 and "error" not in result
+    ran = [p["seq_len"] for p in result["probes"] if "step_s" in p or "error" in p]
+    assert ran == [49152]
+    assert {p["seq_len"] for p in result["probes"] if "compiled_gib" in p} >= {49152, 53248}
+
+    real.update({49152: lambda n: {"error": benchmark.OUT_OF_MEMORY}})
+    real.update({45056: lambda n: {"step_s": 1.0, "peak_gib": 24.0}})
+    assert row()["max_tokens"] == 45056
+
+    real.update({49152: lambda n: {"error": "ValueError: a bug"}})
+    result = row()
+    assert result["error"] == "49152 tokens: ValueError: a bug" and result["max_tokens"] == 0
 
 
 def test_max_context_bisects_to_the_longest_step_that_fits():
