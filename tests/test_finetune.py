@@ -13,6 +13,8 @@ from run_scripts import ROOT, run_script
 
 from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.configs.runs import get_run_config, run_names
+from lemo_jax.errors import UserError
+from lemo_jax.train import loop
 from lemo_jax.train.loop import run_training
 
 TEXT = "\n".join(
@@ -119,6 +121,37 @@ def test_sigint_saves_and_the_same_command_resumes(tmp_path, text_file):
     reference = finetune(*args_for(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
     assert train_losses(run_dir) == train_losses(tmp_path / "reference")
+
+
+def test_a_step_larger_than_the_device_fails_before_the_first_step(
+    tmp_path, text_file, monkeypatch
+):
+    """Where the device states its memory, every kind of step the run needs is compiled and
+    checked up front: a dense tail that cannot fit fails before the LeMo steps, not at them."""
+    lemo = ["lemo.enabled=true", "lemo.block_size=16", "lemo.schedule=uniform:0.25"]
+    lemo += ["lemo.bucket_blocks=1", "lemo.dense_final_steps=2", "train.remat=none"]
+    sets = [*tiny_overrides(tmp_path, text_file, **{"train.steps": 4}), *lemo]
+    base = apply_overrides(get_run_config("tiny"), sets)
+    monkeypatch.setattr(loop, "peak_device_memory_gib", lambda: None)  # memory_gib: estimates
+    monkeypatch.setattr(loop, "device_memory_limit_gib", lambda: 1e6)
+    fits = apply_overrides(base, [f"output_dir={tmp_path / 'fits'}"])
+    assert run_training(fits, show_progress=False).completed
+    memory = {r["step"]: r["memory_gib"] for r in records(tmp_path / "fits") if "loss" in r}
+    lemo_gib, dense_gib = memory[1], memory[4]
+    assert memory[2] == lemo_gib < dense_gib == memory[3]
+
+    for limit, message in [
+        ((lemo_gib + dense_gib) / 2, r"the dense tail \(lemo.dense_final_steps=2\) needs"),
+        (lemo_gib / 2, "the LeMo training step needs"),
+    ]:
+        monkeypatch.setattr(loop, "device_memory_limit_gib", lambda limit=limit: limit)
+        run_dir = tmp_path / f"limit_{limit:.6f}"
+        config = apply_overrides(base, [f"output_dir={run_dir}"])
+        with pytest.raises(UserError, match=message) as raised:
+            run_training(config, show_progress=False)
+        assert f"more than the {limit:.1f} GiB this process may use" in str(raised.value)
+        metrics = run_dir / "metrics.jsonl"
+        assert not metrics.is_file() or not train_losses(run_dir)  # no step ran
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, text_file):

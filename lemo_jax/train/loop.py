@@ -24,11 +24,17 @@ from tqdm.auto import tqdm
 
 from lemo_jax.configs.run import RunConfig
 from lemo_jax.data.pipeline import ShuffledSampler, TokenWindows, prepare_data
+from lemo_jax.errors import UserError
 from lemo_jax.io.checkpoint import RunCheckpoints
 from lemo_jax.lemo.budgets import LayerBudgets, elimination_plan, executed_budgets
 from lemo_jax.lemo.layer import EliminationPlan
 from lemo_jax.model.lora import trainable_filter
-from lemo_jax.train.observe import MetricsLog, compiled_memory_gib, peak_device_memory_gib
+from lemo_jax.train.observe import (
+    MetricsLog,
+    compiled_memory_gib,
+    device_memory_limit_gib,
+    peak_device_memory_gib,
+)
 from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from lemo_jax.train.setup import (
     attach_predictors,
@@ -130,6 +136,24 @@ class _Session:
             return True
         return step > self.config.train.steps - self.config.lemo.dense_final_steps
 
+    def too_large(self, dense: bool, needed_gib: float, limit_gib: float) -> str:
+        """The one-line error for a training step whose compiled memory exceeds the device's."""
+        config = self.config
+        fixes = [] if config.train.remat == "full" else ["train.remat=full"]
+        if dense and self.plan is not None:
+            what = f"the dense tail (lemo.dense_final_steps={config.lemo.dense_final_steps})"
+            fixes.insert(0, "lemo.dense_final_steps=0")
+        else:
+            what = "the LeMo training step" if self.plan is not None else "the training step"
+            fixes.append("a shorter train.seq_len")
+            if self.plan is None:
+                fixes.append("LeMo (lemo.enabled=true)")
+        return (
+            f"{what} needs {needed_gib:.1f} GiB per device (compiled) at "
+            f"train.seq_len={config.train.seq_len}, more than the {limit_gib:.1f} GiB this "
+            f"process may use; try {' or '.join(fixes)}"
+        )
+
     def compile_step(self, state: TrainState, dense: bool = False):
         train = self.config.train
         use_dropout = train.method == "lora" and self.config.lora.dropout > 0
@@ -150,11 +174,23 @@ class _Session:
     ) -> tuple[TrainState, dict]:
         config, train = self.config, self.config.train
         start, position = int(state.step), int(record["data_position"])
-        # One executable per kind of step, with its compiled memory estimate, compiled when
-        # first needed (a LeMo run with a dense tail compiles the dense step when it reaches
-        # it, or at once when resumed inside it).
+        # One executable per kind of step, with its compiled memory estimate. Where the device
+        # states its memory, every kind the run will need is compiled now and checked against
+        # it, so a dense tail that cannot fit fails before the LeMo steps, not hours into them;
+        # elsewhere (CPU) each kind compiles when first needed.
         compiled: dict[bool, jax.stages.Compiled] = {}
         estimate: dict[bool, float] = {}
+
+        def compile_kind(dense: bool) -> None:
+            compiled[dense] = self.compile_step(state, dense)
+            estimate[dense] = compiled_memory_gib(compiled[dense])
+            limit = device_memory_limit_gib()
+            if limit is not None and estimate[dense] > limit:
+                raise UserError(self.too_large(dense, estimate[dense], limit))
+
+        if start < train.steps and device_memory_limit_gib() is not None:
+            for dense in dict.fromkeys(self.is_dense(s) for s in (start + 1, train.steps)):
+                compile_kind(dense)
         self.log_budgets(log, start)
         sampler = ShuffledSampler(len(self.train_windows), train.seed)
         per_step = train.grad_accum * train.batch_size
@@ -174,11 +210,14 @@ class _Session:
                 batch = global_array(batch, self.shardings.batch)
             position += per_step
             dense = self.is_dense(step)
+            if (
+                dense
+                and self.plan is not None
+                and (step == start + 1 or not self.is_dense(step - 1))
+            ):
+                print(f"LeMo: dense from step {step} of {train.steps}", file=sys.stderr)
             if dense not in compiled:
-                if dense and self.plan is not None:
-                    print(f"LeMo: dense from step {step} of {train.steps}", file=sys.stderr)
-                compiled[dense] = self.compile_step(state, dense)
-                estimate[dense] = compiled_memory_gib(compiled[dense])
+                compile_kind(dense)
             state, metrics = compiled[dense](state, batch)
             # Read the stop flag once: a signal arriving later in this iteration is seen in the
             # next one, so a step is never left without its checkpoint.

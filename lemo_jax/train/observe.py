@@ -68,6 +68,15 @@ def peak_device_memory_gib() -> float | None:
     return max(known) / 2**30 if known else None
 
 
+def device_memory_limit_gib() -> float | None:
+    """The bytes this process may allocate per device (GPU), the smallest over its devices (the
+    allocator's `bytes_limit`, set by XLA_PYTHON_CLIENT_MEM_FRACTION). None where the backend
+    does not say (CPU)."""
+    limits = [(device.memory_stats() or {}).get("bytes_limit") for device in jax.local_devices()]
+    known = [limit for limit in limits if limit is not None]
+    return min(known) / 2**30 if known else None
+
+
 def compiled_memory_gib(compiled) -> float:
     """The compiled step's estimate: arguments + outputs + temporaries, aliased bytes once.
     A step compiled for a mesh is one device's program, so this is per device."""
