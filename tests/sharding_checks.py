@@ -4,6 +4,7 @@ several simulated CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count
     python tests/sharding_checks.py equivalence OUT.json
     python tests/sharding_checks.py save DIR       # 8 devices: saves under 2x4 and 1 device
     python tests/sharding_checks.py restore DIR OUT.json
+    python tests/sharding_checks.py pallas_attention OUT.json   # batch split over every device
 
 Each command writes what it measured as JSON; the test compares it against the tolerances.
 """
@@ -28,6 +29,7 @@ from lemo_jax.io.checkpoint import RunCheckpoints
 from lemo_jax.lemo.budgets import elimination_plan
 from lemo_jax.lemo.config import LemoConfig
 from lemo_jax.model import Llama, trainable_filter
+from lemo_jax.model.attention import causal_attention
 from lemo_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from lemo_jax.train.sharding import (
     global_array,
@@ -264,6 +266,42 @@ def restore(directory: Path, out: Path) -> None:
     out.write_text(json.dumps(result))
 
 
+def pallas_attention(out: Path) -> None:
+    """The Pallas flash attention, forward and backward, on a mesh that splits the batch over
+    every device: its collectives (none expected: each device attends over its own sequences)
+    and its outputs and input gradients against the same kernel on one device."""
+    mesh = make_mesh(MeshSection(data=str(jax.device_count()), fsdp="1"))
+    batch, seq_len, heads, kv_heads, head_dim = jax.device_count(), 64, 4, 2, 16
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = 0.5 * jax.random.normal(keys[0], (batch, seq_len, heads, head_dim))
+    k, v = (0.5 * jax.random.normal(key, (batch, seq_len, kv_heads, head_dim)) for key in keys[1:3])
+    cotangent = jax.random.normal(keys[3], q.shape)
+
+    def attention_and_gradients(q, k, v, cotangent):
+        output, pullback = jax.vjp(lambda *x: causal_attention(*x, backend="pallas"), q, k, v)
+        return output, pullback(cotangent)
+
+    def on_mesh(*arrays):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return attention_and_gradients(*arrays)
+
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+    arrays = [jax.device_put(x, split) for x in (q, k, v, cotangent)]
+    compiled = jax.jit(on_mesh).lower(*arrays).compile()
+    sharded = compiled(*arrays)
+    expected = jax.jit(attention_and_gradients)(q, k, v, cotangent)
+    result = dict(
+        devices=jax.device_count(),
+        collectives=collectives(compiled.as_text()),
+        output=_relative(sharded[0], expected[0]),
+        gradients=_relative(sharded[1], expected[1]),
+    )
+    out.write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    {"equivalence": equivalence, "save": save, "restore": restore}[command](*map(Path, arguments))
+    commands = dict(
+        equivalence=equivalence, save=save, restore=restore, pallas_attention=pallas_attention
+    )
+    commands[command](*map(Path, arguments))

@@ -89,6 +89,17 @@ def test_logical_rules():
     assert jax.device_count() == 1  # the 8-device checks below need their own process
 
 
+def test_pallas_attention_runs_on_each_device_own_sequences(tmp_path):
+    """A Pallas kernel is opaque to XLA's partitioner: without `on_each_device` it gathers the
+    whole batch onto every device and attends over all of it there."""
+    out = tmp_path / "pallas_attention.json"
+    run_checks("pallas_attention", str(out), devices=4)
+    result = json.loads(out.read_text())
+    assert result["devices"] == 4
+    assert result["collectives"] == []
+    assert result["output"] <= TOLERANCE and result["gradients"] <= TOLERANCE
+
+
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharding") / "equivalence.json"

@@ -6,6 +6,8 @@ Backends:
 - `cudnn`: cuDNN flash attention through the same JAX call; the fastest dense attention on the
   H200 (see BUILD.md), GQA-native, bf16/fp16 only.
 - `pallas`: the Triton-lowered Pallas flash attention in `pallas_kernels` (interpret mode on CPU).
+  Under a mesh it runs on each device's own sequences (`on_each_device`): a Pallas kernel is
+  opaque to XLA's partitioner, which would otherwise gather the whole batch onto every device.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from lemo_jax.model.batch_parallel import on_each_device
 
 
 def has_ampere_gpu() -> bool:
@@ -60,4 +64,4 @@ def _pallas_attention(query, key, value):
     # Imported here so that plain model use never loads the Pallas/Triton machinery.
     from pallas_kernels import flash_attention
 
-    return flash_attention(query, key, value, causal=True)
+    return on_each_device(functools.partial(flash_attention, causal=True), query, key, value)
