@@ -61,6 +61,11 @@ def test_notebook_runs_top_to_bottom(setting, tmp_path, monkeypatch):
     assert all(math.isfinite(loss) and loss > 0 for loss in summary["losses"])
     assert math.isfinite(summary["validation_loss"])
     assert 0 < summary["kept_fraction"] < 1
+    # The run ends with its dense steps: kept 1.0 there, less before.
+    tail = summary["dense_final_steps"]
+    assert 0 < tail < summary["steps"]
+    kept = summary["kept_per_step"]
+    assert kept[-tail:] == [1.0] * tail and all(fraction < 1 for fraction in kept[:-tail])
     rows = summary["benchmark"]
     assert not [row for row in rows if "error" in row], rows
     longest = max(row["seq_len"] for row in rows)
