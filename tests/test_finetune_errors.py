@@ -152,3 +152,11 @@ def test_a_closed_stdout_ends_quietly_and_sigpipe_keeps_pythons_handling():
         os.close(write_end)
     assert result.returncode == 128 + signal.SIGPIPE, result.stderr
     assert result.stderr == ""
+
+
+def test_a_directory_holding_only_an_interrupted_write_is_a_new_run(tmp_path, text_file):
+    # What a process killed while writing the run's config leaves behind: not a foreign directory.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".run_config.json.k3j9x1.tmp").write_text('{"half')
+    finetune.main(tiny_args(tmp_path, text_file))
+    assert (tmp_path / "run" / "run_config.json").exists()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from lemo_jax.data.corpus import corpus_fingerprint
 from lemo_jax.data.sources import hf_dataset_split, load_documents, resolve_paths
 from lemo_jax.data.windows import Tokenizer, tokenize_documents
 from lemo_jax.errors import UserError
+from lemo_jax.files import write_atomically
 
 CACHE_FORMAT_VERSION = 1
 
@@ -60,9 +60,9 @@ def cached_token_stream(
     tokens = tokenize_documents(documents, tokenizer, show_progress=show_progress)
     directory.mkdir(parents=True, exist_ok=True)
     # The stream first: it alone decides a cache hit, and the note must never outlive it.
-    _write_atomically(path, lambda handle: np.save(handle, tokens, allow_pickle=False))
+    write_atomically(path, lambda handle: np.save(handle, tokens, allow_pickle=False))
     note = json.dumps(identity, indent=1, sort_keys=True).encode("utf-8")
-    _write_atomically(directory / f"{key}.json", lambda handle: handle.write(note))
+    write_atomically(directory / f"{key}.json", lambda handle: handle.write(note))
     loaded = _load(path)
     if loaded is None:
         raise OSError(f"the token cache entry {path} could not be read back after writing it")
@@ -153,23 +153,3 @@ def _load(path: Path) -> np.ndarray | None:
     if tokens.dtype != np.int32 or tokens.ndim != 1:
         return None
     return tokens
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Calls `write(handle)` on a temporary file beside `path`, then renames it to `path`.
-
-    The rename is atomic on POSIX within one file system, which is why the temporary file lives
-    in the same directory. On any error the temporary file is removed and the error re-raised.
-    """
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

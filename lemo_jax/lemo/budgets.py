@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lemo_jax.errors import UserError
+from lemo_jax.files import write_text_atomically
 from lemo_jax.lemo.config import LemoConfig, Schedule, parse_schedule, resolve_kernels
 from lemo_jax.lemo.layer import EliminationPlan, GroupPlan
 
@@ -107,7 +108,7 @@ def write_schedule_file(
         content["mlp"] = _check_ratios(list(mlp), "mlp", len(attention), path)
     if source is not None:
         content["source"] = source
-    Path(path).expanduser().write_text(json.dumps(content, indent=2) + "\n")
+    write_text_atomically(Path(path).expanduser(), json.dumps(content, indent=2) + "\n")
 
 
 def _keep_ratios(

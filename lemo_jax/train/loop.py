@@ -264,7 +264,8 @@ def run_training(config: RunConfig, *, show_progress: bool = True) -> RunResult:
     train_windows, validation_windows = prepare_data(
         config.data, tokenizer, train.seq_len, show_progress=show_progress
     )
-    write_run_config(directory, config)
+    if jax.process_index() == 0:  # one writer; the others read the same directory
+        write_run_config(directory, config)
     optimizer, num_layers = make_optimizer(train), model.config.num_layers
     shardings = None
     if is_sharded:  # checkpoints then restore onto this mesh

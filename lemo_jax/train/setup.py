@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -16,6 +15,7 @@ from lemo_jax.configs.overrides import config_differences, config_from_dict, con
 from lemo_jax.configs.registry import get_model_config
 from lemo_jax.configs.run import ModelSection, RunConfig
 from lemo_jax.errors import UserError
+from lemo_jax.files import is_temporary, write_text_atomically
 from lemo_jax.io.load import load_pretrained, load_tokenizer, pretrained_config
 from lemo_jax.lemo.config import LemoConfig
 from lemo_jax.lemo.predictor import BlockScorePredictor, PredictorConfig, load_predictor
@@ -182,7 +182,9 @@ def check_run_directory(config: RunConfig) -> Path:
                 f"{directory} holds a different run (differs in "
                 f"{', '.join(differences)}); set another output_dir or remove it"
             )
-    elif directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+    elif directory.exists() and (
+        not directory.is_dir() or any(not is_temporary(entry) for entry in directory.iterdir())
+    ):
         raise UserError(
             f"{directory} exists and is not a lemo-jax run directory; set another output_dir"
         )
@@ -191,7 +193,5 @@ def check_run_directory(config: RunConfig) -> Path:
 
 def write_run_config(directory: Path, config: RunConfig) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    saved = directory / RUN_CONFIG_FILE
-    temporary = saved.with_suffix(".tmp")
-    temporary.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-    os.replace(temporary, saved)  # atomic: never a half-written config
+    text = json.dumps(config_to_dict(config), indent=2) + "\n"
+    write_text_atomically(directory / RUN_CONFIG_FILE, text)  # never a half-written config
