@@ -15,9 +15,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from lemo_jax.data.corpus import Document, builtin_documents
 from lemo_jax.errors import UserError
 
@@ -173,6 +170,9 @@ def _read_jsonl(path: Path) -> list[Document]:
 
 def _read_parquet(path: Path) -> list[Document]:
     """One document per row of the "text" column; null rows count as empty and are dropped."""
+    import pyarrow as pa  # here: only parquet files need it, and it takes a while to import
+    import pyarrow.parquet as pq
+
     try:
         schema = pq.read_schema(path)
         if "text" not in schema.names:
