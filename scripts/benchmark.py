@@ -203,6 +203,7 @@ def _max_context(args: argparse.Namespace, base, mode: str) -> dict:
         config = mode_config(base, mode, units * unit)
         estimate = compiled_step_memory(config)["total_gib"]
         probes.append(dict(seq_len=units * unit, fits=estimate <= limit, compiled_gib=estimate))
+        _progress(f"{mode} {units * unit:,} tokens: compiled {estimate:.2f} of {limit:.2f} GiB")
         return estimate
 
     def runs(units: int) -> bool:
@@ -211,6 +212,7 @@ def _max_context(args: argparse.Namespace, base, mode: str) -> dict:
         result = _in_child_process(args, units * unit, mode)
         kept = {key: result[key] for key in ("peak_gib", "step_s", "error") if key in result}
         probes.append(dict(seq_len=units * unit, fits="error" not in result, **kept))
+        _progress(f"{mode} {units * unit:,} tokens: step {json.dumps(kept) if kept else 'ran'}")
         if "error" in result and result["error"] != OUT_OF_MEMORY:
             failure.update(error=f"{units * unit} tokens: {result['error']}")
         return "error" not in result
@@ -227,6 +229,11 @@ def _max_context(args: argparse.Namespace, base, mode: str) -> dict:
         memory_limit_gib=limit,
         probes=probes,
     )
+
+
+def _progress(text: str) -> None:
+    """A probe's outcome as it comes (a search can take many minutes), on stderr."""
+    print(f"max-context: {text}", file=sys.stderr, flush=True)
 
 
 def _largest_true(predicate, low: int, high: int) -> int:
