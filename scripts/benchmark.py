@@ -49,6 +49,7 @@ from lemo_jax.configs.cli import add_run_config_arguments, run_config_from_args
 from lemo_jax.configs.overrides import apply_overrides
 from lemo_jax.errors import UserError, run_cli
 from lemo_jax.train.memory import compiled_step_memory
+from lemo_jax.train.observe import device_memory_limit_gib
 from lemo_jax.train.timing import model_flops_per_step
 
 MODES = ("hf_peft", "dense", "lemo", "lemo_predictor")
@@ -141,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             if args.measure == "compiled-memory":
                 row.update(device=jax.devices()[0].device_kind, **compiled_step_memory(config))
+                row.update(memory_limit_gib=device_memory_limit_gib())
             elif args.measure == "max-context":  # one probe, in its own process
                 row.update(_measure_steps(config, mode, steps=1, warmup=0))
             elif args.in_process or len(lengths) * len(modes) == 1:
@@ -178,30 +180,33 @@ def _measure_steps(
     return dict(device=jax.devices()[0].device_kind, **measured)
 
 
-def _memory_limit_gib(args: argparse.Namespace) -> float | None:
-    if args.memory_limit_gib is not None:
-        return args.memory_limit_gib
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats["bytes_limit"] / 2**30 if "bytes_limit" in stats else None
-
-
 def _max_context(args: argparse.Namespace, base, mode: str) -> dict:
     """The longest multiple of --context-step (up to the largest --seq-lens) whose step runs.
 
     For our modes the compiled memory of the step, which grows linearly in tokens and is what
     the allocator must find, places the boundary first: compiles only, each guess interpolated
-    from the two nearest compiled lengths, so a few compiles land on it. Then real steps, each in
-    a fresh process, confirm it from there downwards (one step when the compiled estimate was
-    right). `hf_peft` has no compiled program: a bisection of real steps. A probe that fails
-    for any reason other than memory ends the search with its error."""
-    unit, limit = args.context_step, _memory_limit_gib(args)
+    from the two nearest compiled lengths, so a few compiles land on it. Then real steps confirm
+    it from there downwards (one step when the compiled estimate was right; after an
+    out-of-memory step, 1, 2, 4, ... units lower, then a bisection). Every compile and step runs
+    in a fresh process: a compile's autotuning takes device memory that its process keeps, and
+    which a real step in the same process would lack. `hf_peft` has no compiled program: a
+    bisection of real steps. A probe that fails for any reason other than memory ends the
+    search with its error."""
+    unit, limit = args.context_step, args.memory_limit_gib
     top = max(parse_lengths(args.seq_lens)) // unit
     probes = []
     failure = {}
 
+    def compiled(units: int) -> dict:
+        result = _in_child_process(args, units * unit, mode, measure="compiled-memory")
+        if "error" in result:
+            failure.setdefault("error", f"{units * unit} tokens, compiling: {result['error']}")
+        return result
+
     def compiled_gib(units: int) -> float:
-        config = mode_config(base, mode, units * unit)
-        estimate = compiled_step_memory(config)["total_gib"]
+        if failure:
+            return math.inf
+        estimate = compiled(units)["total_gib"] if units != top else first["total_gib"]
         probes.append(dict(seq_len=units * unit, fits=estimate <= limit, compiled_gib=estimate))
         _progress(f"{mode} {units * unit:,} tokens: compiled {estimate:.2f} of {limit:.2f} GiB")
         return estimate
@@ -217,9 +222,14 @@ def _max_context(args: argparse.Namespace, base, mode: str) -> dict:
             failure.update(error=f"{units * unit} tokens: {result['error']}")
         return "error" not in result
 
-    if mode != "hf_peft" and limit is not None:
+    first = compiled(top) if mode != "hf_peft" and top > 0 else {}
+    if limit is None:  # the device's allocator limit, as the compiling process saw it
+        limit = first.get("memory_limit_gib")
+    if failure:
+        best = 0
+    elif first and limit is not None:
         high = _largest_within(compiled_gib, limit, top)
-        best = high if high == 0 or runs(high) else _largest_true(runs, 0, high - 1)
+        best = high if high == 0 or runs(high) else _largest_true_below(runs, high)
     else:
         best = _largest_true(runs, 0, top)
     return dict(
@@ -234,6 +244,20 @@ def _max_context(args: argparse.Namespace, base, mode: str) -> dict:
 def _progress(text: str) -> None:
     """A probe's outcome as it comes (a search can take many minutes), on stderr."""
     print(f"max-context: {text}", file=sys.stderr, flush=True)
+
+
+def _largest_true_below(predicate, high: int) -> int:
+    """The largest n < high with predicate(n) (0 when none), for a predicate true up to some
+    point, false at `high`, and likely true close below it: probes high - 1, high - 2,
+    high - 4, ... until one is true, then bisects the gap above it."""
+    failed, step = high, 1
+    while True:
+        n = high - step
+        if n <= 0:
+            return _largest_true(predicate, 0, failed - 1)
+        if predicate(n):
+            return _largest_true(predicate, n, failed - 1)
+        failed, step = n, step * 2
 
 
 def _largest_true(predicate, low: int, high: int) -> int:
@@ -386,11 +410,15 @@ def plot_rows(rows: list[dict], path: str) -> str:
     return path
 
 
-def _in_child_process(args: argparse.Namespace, seq_len: int, mode: str) -> dict:
-    """One step-time measurement in a fresh process: the device's peak memory is per process."""
-    command = [sys.executable, __file__, "--config", args.config, "--measure", args.measure]
+def _in_child_process(
+    args: argparse.Namespace, seq_len: int, mode: str, measure: str | None = None
+) -> dict:
+    """One measurement (`measure`, by default --measure's) in a fresh process: the device's peak
+    memory is per process."""
+    measure = measure or args.measure
+    command = [sys.executable, __file__, "--config", args.config, "--measure", measure]
     command += ["--seq-lens", str(seq_len), "--modes", mode, "--steps", str(args.steps)]
-    if args.measure == "max-context":
+    if measure == "max-context":
         command.append("--in-process")
     if args.profile:
         command += ["--profile", args.profile]

@@ -237,15 +237,16 @@ def test_max_context_confirms_the_compiled_boundary_with_one_real_step(monkeypat
     """Compiles place the boundary, one real step (in its own process) confirms it; a real
     step that runs out of memory moves it down; any other failure ends the search with it."""
     benchmark = load_script("benchmark")
-    args = argparse.Namespace(seq_lens="65536", context_step=4096, memory_limit_gib=50.0)
-    monkeypatch.setattr(
-        benchmark,
-        "compiled_step_memory",
-        lambda config: {"total_gib": 2.0 + config.train.seq_len / 1024 * 0.5},
-    )
+    args = argparse.Namespace(seq_lens="65536", context_step=4096, memory_limit_gib=None)
     # 2 + 0.5 x 96 = 50 GiB: 98,304 tokens would be the boundary; the search stops at 65,536.
-    real = {}
-    monkeypatch.setattr(benchmark, "_in_child_process", lambda a, n, m: real[n](n))
+    real, limit = {}, {"gib": 50.0}
+
+    def child(args, n, mode, measure=None):  # what each fresh process would report
+        if measure == "compiled-memory":
+            return {"total_gib": 2.0 + n / 1024 * 0.5, "memory_limit_gib": limit["gib"]}
+        return real[n](n)
+
+    monkeypatch.setattr(benchmark, "_in_child_process", child)
     base = get_run_config("tiny")
 
     def row():
@@ -254,6 +255,7 @@ def test_max_context_confirms_the_compiled_boundary_with_one_real_step(monkeypat
     real.update({65536: lambda n: {"step_s": 1.0, "peak_gib": 35.0}})
     assert row()["max_tokens"] == 65536
 
+    assert row()["memory_limit_gib"] == 50.0  # the device's, as the compiling process saw it
     args.memory_limit_gib = 26.0  # 2 + 0.5 x 48: 49,152 tokens, 12 units
     real.update({49152: lambda n: {"step_s": 1.0, "peak_gib": 25.9}})
     result = row()
@@ -265,6 +267,13 @@ def test_max_context_confirms_the_compiled_boundary_with_one_real_step(monkeypat
     real.update({49152: lambda n: {"error": benchmark.OUT_OF_MEMORY}})
     real.update({45056: lambda n: {"step_s": 1.0, "peak_gib": 24.0}})
     assert row()["max_tokens"] == 45056
+
+    # A compiled estimate far off: real steps go down 1, 2, 4 units, then bisect the gap.
+    real.update({n: (lambda n: {"error": benchmark.OUT_OF_MEMORY}) for n in (45056, 40960)})
+    real.update({n: (lambda n: {"step_s": 1.0}) for n in (32768, 36864)})
+    result = row()
+    ran = [p["seq_len"] for p in result["probes"] if "step_s" in p or "error" in p]
+    assert result["max_tokens"] == 36864 and ran == [49152, 45056, 40960, 32768, 36864]
 
     real.update({49152: lambda n: {"error": "ValueError: a bug"}})
     result = row()
